@@ -1,0 +1,181 @@
+package vasmontest
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/vasengine/vasengine/guestmem"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Protections is a vasmon.Protector that records which pages are protected
+// and fails the test-visible invariants: protecting a protected page or
+// unprotecting an unprotected one is counted as an error.
+type Protections struct {
+	mu         sync.Mutex
+	pages      map[uint64]bool
+	Errors     []string
+	Protects   int
+	Unprotects int
+	// FailProtect makes Protect fail for these pages.
+	FailProtect map[uint64]bool
+}
+
+// NewProtections returns an empty recorder.
+func NewProtections() *Protections { return &Protections{pages: make(map[uint64]bool)} }
+
+// Protect implements vasmon.Protector.
+func (p *Protections) Protect(gpa uint64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.FailProtect[gpa] {
+		return fmt.Errorf("protect %#x: refused", gpa)
+	}
+	if gpa%vasmon.PageSize != 0 {
+		p.Errors = append(p.Errors, fmt.Sprintf("protect of unaligned %#x", gpa))
+	}
+	if p.pages[gpa] {
+		p.Errors = append(p.Errors, fmt.Sprintf("page %#x protected twice", gpa))
+	}
+	p.pages[gpa] = true
+	p.Protects++
+	return nil
+}
+
+// Unprotect implements vasmon.Protector.
+func (p *Protections) Unprotect(gpa uint64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.pages[gpa] {
+		p.Errors = append(p.Errors, fmt.Sprintf("page %#x unprotected while not protected", gpa))
+	}
+	delete(p.pages, gpa)
+	p.Unprotects++
+	return nil
+}
+
+// Protected reports whether gpa's page is protected.
+func (p *Protections) Protected(gpa uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pages[gpa&^(vasmon.PageSize-1)]
+}
+
+// Count returns the number of protected pages.
+func (p *Protections) Count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pages)
+}
+
+// Guest is a small in-memory guest: sparse RAM, a bump allocator of table
+// pages and a page-table builder for one paging mode. Its writes go to memory
+// and are returned as vasmon.Write events carrying the old entry value.
+type Guest struct {
+	Mem  *guestmem.Memory
+	Mode vasmon.Mode
+	next uint64
+	free []uint64
+}
+
+// NewGuest returns a guest with ramBytes of RAM; tables are allocated from
+// the page at tableBase upwards.
+func NewGuest(mode vasmon.Mode, ramBytes, tableBase uint64) *Guest {
+	return &Guest{Mem: guestmem.New(ramBytes), Mode: mode, next: tableBase}
+}
+
+// AllocTable returns a zeroed page for a table (reusing freed pages first).
+func (g *Guest) AllocTable() uint64 {
+	if n := len(g.free); n > 0 {
+		p := g.free[n-1]
+		g.free = g.free[:n-1]
+		_ = g.Mem.Zero(p)
+		return p
+	}
+	p := g.next
+	g.next += vasmon.PageSize
+	if !g.Mem.InRAM(p, vasmon.PageSize) {
+		panic("vasmontest: guest out of table pages")
+	}
+	return p
+}
+
+// FreeTable returns a page to the allocator.
+func (g *Guest) FreeTable(p uint64) { g.free = append(g.free, p) }
+
+// Entry reads entry i of the table at gpa.
+func (g *Guest) Entry(table uint64, i int) uint64 {
+	esz := g.Mode.EntryBytes()
+	v, err := g.Mem.ReadUint(table+uint64(i*esz), esz)
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+// Store writes size bytes of v at gpa (anywhere in RAM) and returns the
+// write event a backend would report: Old is the whole entry holding gpa
+// before the store.
+func (g *Guest) Store(gpa uint64, size int, v uint64, rip uint64) vasmon.Write {
+	esz := uint64(g.Mode.EntryBytes())
+	eaddr := gpa &^ (esz - 1)
+	old, err := g.Mem.ReadUint(eaddr, int(esz))
+	if err != nil {
+		panic(err)
+	}
+	if _, err := g.Mem.WriteUint(gpa, size, v); err != nil {
+		panic(err)
+	}
+	return vasmon.Write{GPA: gpa, Data: v, Size: uint8(size), Old: old, HasOld: true, RIP: rip}
+}
+
+// SetEntry writes entry i of the table at gpa in one store of the entry's
+// size and returns the event.
+func (g *Guest) SetEntry(table uint64, i int, v uint64) vasmon.Write {
+	esz := g.Mode.EntryBytes()
+	return g.Store(table+uint64(i*esz), esz, v, 0)
+}
+
+// Map maps va to frame with a leaf of the given level (1 = 4 KiB, 2 =
+// 2/4 MiB, 3 = 1 GiB) and flags, creating missing tables under root, and
+// returns the write events in the order made. Existing leaves on the way are
+// not split: Map panics if it meets one.
+func (g *Guest) Map(root uint64, va uint64, level int, frame, flags uint64) []vasmon.Write {
+	m := g.Mode
+	var evs []vasmon.Write
+	table := m.RootGPA(root)
+	for l := m.Levels(); l > level; l-- {
+		i := int(va>>m.Shift(l)) & (m.Entries(l) - 1)
+		if l == m.Levels() {
+			i = int(va>>m.Shift(l)) & (m.Entries(l) - 1)
+		}
+		e := g.Entry(table, i)
+		switch m.Classify(e, l) {
+		case vasmon.KindTable:
+			table = m.TableAddr(e)
+			continue
+		case vasmon.KindLeaf:
+			panic(fmt.Sprintf("vasmontest: Map through a leaf at level %d", l))
+		}
+		t := g.AllocTable()
+		flagsT := vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+		if m == vasmon.ModePAE && l == 3 {
+			flagsT = vasmon.BitP // PDPTEs have RW/US reserved
+		}
+		evs = append(evs, g.SetEntry(table, i, t|flagsT))
+		table = t
+	}
+	i := int(va>>m.Shift(level)) & (m.Entries(level) - 1)
+	e := frame | flags | vasmon.BitP
+	if level > 1 {
+		e |= vasmon.BitPS
+	}
+	evs = append(evs, g.SetEntry(table, i, e))
+	return evs
+}
+
+// NewRoot allocates an empty root table and returns its CR3. For PAE the
+// root is placed at offset off (a multiple of 32) of a fresh page.
+func (g *Guest) NewRoot(off uint64) uint64 {
+	return g.AllocTable() + off
+}
