@@ -35,6 +35,9 @@ type Write struct {
 	Old  uint64 // value of the whole entry holding GPA before the write, if HasOld
 	RIP  uint64 // instruction pointer of the writer; 0 if unknown
 	Size uint8  // 1..8
+	// Trap is when the write was trapped (any monotonic clock). Only
+	// Store.ExpirePending uses it.
+	Trap int64
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool
@@ -121,6 +124,19 @@ type Root struct {
 	Ctx       any
 	Opts      Options
 	ID        uint32
+
+	// InFlight counts structural requests of this root that a concurrent
+	// executor (the sharded engine) has sent to another goroutine and not
+	// yet executed. The Monitor does not use it.
+	InFlight atomic.Int64
+	// Unhooks counts the unhook requests among InFlight. The engine holds
+	// back hooks of the root while it is non-zero, so that the mappings an
+	// unhooked subtree reports removed are reported before the mappings of
+	// a subtree linked later at the same addresses are reported new.
+	Unhooks atomic.Int64
+	// Calls counts callbacks invoked for this root by a concurrent
+	// executor (the sharded engine). The Monitor does not use it.
+	Calls atomic.Uint64
 
 	tables  atomic.Int64
 	gen     atomic.Uint32

@@ -118,10 +118,17 @@ type node struct {
 // pend is the state of an entry write in progress (partial write).
 type pend struct {
 	base, val, rip uint64
+	trap           int64 // Write.Trap of the first chunk
 	page           uint32
 	off            uint16
 	mask           uint8
 }
+
+// oldTrustMask: a backend's Write.Old is used instead of the shadow value
+// only when the two agree in these bits (P, PS, table address). They differ
+// only when the shadow is ahead of the event - the page was read at hook
+// time after the write was made - and the tables hooked follow the shadow.
+const oldTrustMask = BitP | BitPS | 0x000FFFFFFFFFF000
 
 // maxPending bounds the partial writes in progress per store; past it the
 // oldest one is completed with the bytes it has (counted), so a guest that
@@ -145,15 +152,16 @@ type Store struct {
 
 // StoreStats counts a store's events by outcome.
 type StoreStats struct {
-	Writes        [numWriteKinds]uint64
-	Hooks         uint64
-	Unhooks       uint64
-	UnhookMisses  uint64 // unhook of a table that was never hooked (refused, out of RAM...)
-	Supersedes    uint64
-	ProtectErrors uint64
-	ForcedPartial uint64 // partial writes completed early because maxPending was reached
-	Pages         int
-	Tables        int
+	Writes         [numWriteKinds]uint64
+	Hooks          uint64
+	Unhooks        uint64
+	UnhookMisses   uint64 // unhook of a table that was never hooked (refused, out of RAM...)
+	Supersedes     uint64
+	ProtectErrors  uint64
+	ForcedPartial  uint64 // partial writes completed early because maxPending was reached
+	ExpiredPartial uint64 // partial writes completed by ExpirePending
+	Pages          int
+	Tables         int
 }
 
 // NewStore returns an empty store.
@@ -561,7 +569,7 @@ func (s *Store) writeEntry(ph uint32, eoff, lo, n, data uint64, w *Write, first 
 	var old, new uint64
 	if pi < 0 && chunk == full {
 		old = cur
-		if first && w.HasOld {
+		if first && w.HasOld && (w.Old^cur)&oldTrustMask == 0 {
 			old = w.Old
 			if esz == 4 {
 				old &= 0xFFFFFFFF
@@ -571,13 +579,14 @@ func (s *Store) writeEntry(ph uint32, eoff, lo, n, data uint64, w *Write, first 
 	} else {
 		if pi < 0 {
 			base := cur
-			if first && w.HasOld {
+			if first && w.HasOld && (w.Old^cur)&oldTrustMask == 0 {
 				base = w.Old
 				if esz == 4 {
 					base &= 0xFFFFFFFF
 				}
 			}
 			pi = s.addPend(ph, eoff, base, out)
+			s.pend[pi].trap = w.Trap
 			p = s.pages.at(ph)
 		}
 		pr := &s.pend[pi]

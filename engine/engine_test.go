@@ -1,0 +1,658 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
+	"github.com/vasengine/vasengine/vasmon/vasmontest"
+)
+
+const monitored = vasmon.BitRW | vasmon.BitUS | vasmon.BitNX | vasmon.BitD | 0xFFFFFFFFFF000
+
+// testVM is one guest driven by a RandomWriter.
+type testVM struct {
+	id    vasmon.VMID
+	g     *vasmontest.Guest
+	w     *vasmontest.RandomWriter
+	prot  *vasmontest.Protections
+	roots []*vasmon.Root
+	maps  []vasmontest.Map
+}
+
+type rootCtx struct {
+	vm vasmon.VMID
+	r  int
+}
+
+func newTestVM(t testing.TB, id vasmon.VMID, mode vasmon.Mode, seed uint64) *testVM {
+	g := vasmontest.NewGuest(mode, 64<<20, 1<<20)
+	v := &testVM{id: id, g: g, w: vasmontest.NewRandomWriter(g, seed, 12), prot: vasmontest.NewProtections()}
+	for k := 0; k < 10; k++ {
+		v.w.Next()
+	}
+	return v
+}
+
+func (v *testVM) cr3(r int) uint64 {
+	if v.g.Mode == vasmon.ModePAE {
+		return v.w.Tables[r] + uint64(32*r)
+	}
+	return v.w.Tables[r]
+}
+
+func toEvents(ws []vasmon.Write) []shard.Event {
+	evs := make([]shard.Event, len(ws))
+	for i, w := range ws {
+		evs[i] = shard.Event{GPA: w.GPA, Data: w.Data, Old: w.Old, RIP: w.RIP, Size: w.Size, HasOld: w.HasOld}
+	}
+	return evs
+}
+
+func startVMs(t testing.TB, e *engine.Engine, rec *vasmontest.Recorder, vms []*testVM, nroots int) {
+	for _, v := range vms {
+		if err := e.AddVM(v.id, v.g.Mem, v.prot, 0); err != nil {
+			t.Fatal(err)
+		}
+		for r := 0; r < nroots; r++ {
+			root, err := e.Start(context.Background(), v.id, v.cr3(r), v.g.Mode, monitored, rec.Callback, rootCtx{v.id, r}, engine.RootOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if evs := rec.Take(rootCtx{v.id, r}); len(evs) != 0 {
+				t.Fatalf("Start reported %d callbacks", len(evs))
+			}
+			m, err := vasmontest.WalkRoot(v.g.Mem, root)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v.roots = append(v.roots, root)
+			v.maps = append(v.maps, m)
+		}
+	}
+}
+
+func checkOracle(t testing.TB, rec *vasmontest.Recorder, vms []*testVM) {
+	t.Helper()
+	for _, v := range vms {
+		for r, root := range v.roots {
+			vasmontest.Apply(v.maps[r], v.g.Mode, root.Monitored, rec.Take(rootCtx{v.id, r}))
+			want, err := vasmontest.WalkRoot(v.g.Mem, root)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := vasmontest.Diff(want, v.maps[r], 10); d != "" {
+				t.Fatalf("VM %d (%v) root %d: oracle violated: %s", v.id, v.g.Mode, r, d)
+			}
+		}
+		if len(v.prot.Errors) > 0 {
+			t.Fatalf("VM %d protection errors: %v", v.id, v.prot.Errors)
+		}
+	}
+}
+
+func stopAll(t testing.TB, e *engine.Engine, rec *vasmontest.Recorder, vms []*testVM) {
+	t.Helper()
+	for _, v := range vms {
+		for r, root := range v.roots {
+			if err := e.Stop(context.Background(), root); err != nil {
+				t.Fatal(err)
+			}
+			vasmontest.Apply(v.maps[r], v.g.Mode, root.Monitored, rec.Take(rootCtx{v.id, r}))
+			if len(v.maps[r]) != 0 {
+				t.Fatalf("VM %d root %d: %d mappings not reported removed by Stop", v.id, r, len(v.maps[r]))
+			}
+			if n := root.Tables(); n != 0 {
+				t.Fatalf("VM %d root %d: %d tables still hooked after Stop", v.id, r, n)
+			}
+		}
+		if n := v.prot.Count(); n != 0 {
+			t.Fatalf("VM %d: %d pages still protected", v.id, n)
+		}
+	}
+}
+
+func checkAccounting(t testing.TB, e *engine.Engine) engine.Stats {
+	t.Helper()
+	st := e.Stats()
+	if st.Submitted != st.Processed+st.Rejected {
+		t.Fatalf("lost events: submitted %d != processed %d + rejected %d", st.Submitted, st.Processed, st.Rejected)
+	}
+	var kinds uint64
+	for _, k := range st.Kinds {
+		kinds += k
+	}
+	if kinds != st.Processed {
+		t.Fatalf("events by kind %d != processed %d", kinds, st.Processed)
+	}
+	return st
+}
+
+// TestOracleConcurrent drives several VMs in every paging mode from
+// concurrent producers and checks, once the engine is quiescent, that every
+// root's reported stream turns its initial map into a full walk of memory.
+func TestOracleConcurrent(t *testing.T) {
+	steps := 3000
+	if testing.Short() {
+		steps = 600
+	}
+	for _, shards := range []int{1, 2, 4} {
+		for seed := uint64(1); seed <= 2; seed++ {
+			t.Run(fmt.Sprintf("shards=%d/seed=%d", shards, seed), func(t *testing.T) {
+				e, err := engine.New(engine.Config{Shards: shards, QueueDepth: 256})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer e.Close()
+				rec := vasmontest.NewRecorder()
+				var vms []*testVM
+				for i := 0; i < 8; i++ {
+					vms = append(vms, newTestVM(t, vasmon.VMID(i+1), vasmon.Modes[i%4], seed*100+uint64(i)))
+				}
+				startVMs(t, e, rec, vms, 2)
+				var wg sync.WaitGroup
+				for _, v := range vms {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for k := 0; k < steps; k++ {
+							if _, err := e.Submit(v.id, toEvents(v.w.Next())); err != nil {
+								t.Error(err)
+								return
+							}
+						}
+					}()
+				}
+				wg.Wait()
+				if err := e.Sync(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				checkOracle(t, rec, vms)
+				st := checkAccounting(t, e)
+				if st.Kinds[vasmon.WriteRelevant] == 0 || st.Callbacks == 0 {
+					t.Fatalf("no relevant events: %+v", st.Kinds)
+				}
+				stopAll(t, e, rec, vms)
+			})
+		}
+	}
+}
+
+// structural reports whether a write may link or unlink a table: its old or
+// new entry value is present with PS clear, or PS changes.
+func structural(evs []vasmon.Write, g *vasmontest.Guest, before uint64) bool {
+	after := g.Entry(evs[0].GPA&^uint64(g.Mode.EntryBytes()-1), 0)
+	for _, v := range []uint64{before, after} {
+		if v&vasmon.BitP != 0 && v&vasmon.BitPS == 0 {
+			return true
+		}
+	}
+	return (before^after)&vasmon.BitPS != 0
+}
+
+// TestEquivalence feeds the same events to the engine (1, 2 and 4 shards) and
+// to the single-threaded monitor and requires, per root and per mapping
+// (VA, size), the same callbacks in the same order. Events are submitted in
+// batches; a batch ends after any write that may link or unlink a table and
+// the engine is synced there, since across shards nothing orders a table's
+// writes with its linking (see the package documentation).
+func TestEquivalence(t *testing.T) {
+	steps := 1500
+	if testing.Short() {
+		steps = 300
+	}
+	for _, shards := range []int{1, 2, 4} {
+		t.Run(fmt.Sprintf("shards=%d", shards), func(t *testing.T) {
+			e, err := engine.New(engine.Config{Shards: shards})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			mon := vasmon.NewMonitor()
+			recE, recM := vasmontest.NewRecorder(), vasmontest.NewRecorder()
+			var vms []*testVM
+			for i := 0; i < 4; i++ {
+				v := newTestVM(t, vasmon.VMID(i+1), vasmon.Modes[i], uint64(40+i))
+				vms = append(vms, v)
+				if err := mon.AddVM(v.id, v.g.Mem, vasmontest.NewProtections(), 0); err != nil {
+					t.Fatal(err)
+				}
+				for r := 0; r < 2; r++ {
+					if _, err := mon.Start(v.id, v.cr3(r), v.g.Mode, monitored, recM.Callback, rootCtx{v.id, r}, vasmon.Options{}); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			startVMs(t, e, recE, vms, 2)
+			batched := 0
+			for k := 0; k < steps; k++ {
+				v := vms[k%len(vms)]
+				t0 := v.w.Table()
+				_ = t0
+				ws := v.w.Next()
+				for _, w := range ws {
+					if _, err := mon.Write(v.id, w); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if _, err := e.Submit(v.id, toEvents(ws)); err != nil {
+					t.Fatal(err)
+				}
+				if structural(ws, v.g, ws[0].Old) || !ws[0].HasOld {
+					if err := e.Sync(context.Background()); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					batched++
+				}
+			}
+			if err := e.Sync(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if batched == 0 {
+				t.Fatal("no event was batched")
+			}
+			for _, v := range vms {
+				for r := range 2 {
+					got := byKey(recE.Take(rootCtx{v.id, r}))
+					want := byKey(recM.Take(rootCtx{v.id, r}))
+					for k, w := range want {
+						if fmt.Sprint(got[k]) != fmt.Sprint(w) {
+							t.Fatalf("VM %d root %d va=%#x size=%#x:\nengine  %v\nmonitor %v", v.id, r, k.VA, k.Size, got[k], w)
+						}
+					}
+					for k, g := range got {
+						if _, ok := want[k]; !ok {
+							t.Fatalf("VM %d root %d va=%#x size=%#x: engine reported %v, monitor nothing", v.id, r, k.VA, k.Size, g)
+						}
+					}
+				}
+			}
+			checkAccounting(t, e)
+		})
+	}
+}
+
+func byKey(evs []vasmontest.Event) map[vasmontest.Key][]vasmontest.Event {
+	m := make(map[vasmontest.Key][]vasmontest.Event)
+	for _, e := range evs {
+		k := vasmontest.Key{VA: e.VA, Size: e.Size}
+		m[k] = append(m[k], e)
+	}
+	return m
+}
+
+// TestStartStopUnderTraffic starts and stops roots and adds and removes VMs
+// while producers submit, then checks the accounting and that every page
+// protection was released.
+func TestStartStopUnderTraffic(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 2, QueueDepth: 128})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := vasmontest.NewRecorder()
+	var vms []*testVM
+	for i := 0; i < 4; i++ {
+		vms = append(vms, newTestVM(t, vasmon.VMID(i+1), vasmon.Modes[i], uint64(70+i)))
+	}
+	startVMs(t, e, rec, vms, 1)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	var mu sync.Mutex // guards each guest's writer against the churn goroutine
+	for _, v := range vms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				mu.Lock()
+				evs := toEvents(v.w.Next())
+				mu.Unlock()
+				if _, err := e.Submit(v.id, evs); err != nil && !errors.Is(err, vasmon.ErrUnknownVM) {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	iters := 40
+	if testing.Short() {
+		iters = 10
+	}
+	for k := 0; k < iters; k++ {
+		v := vms[k%len(vms)]
+		root, err := e.Start(ctx, v.id, v.cr3(1), v.g.Mode, monitored, rec.Callback, rootCtx{v.id, 1}, engine.RootOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+		if err := e.Stop(ctx, root); err != nil {
+			t.Fatal(err)
+		}
+		if k%10 == 9 { // remove and re-add a VM under traffic
+			if err := e.RemoveVM(ctx, v.id); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.AddVM(v.id, v.g.Mem, v.prot, 0); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.Start(ctx, v.id, v.cr3(0), v.g.Mode, monitored, rec.Callback, rootCtx{v.id, 0}, engine.RootOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if err := e.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, e)
+	for _, r := range e.Roots() {
+		if err := e.Stop(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v := range vms {
+		if n := v.prot.Count(); n != 0 {
+			t.Fatalf("VM %d: %d pages still protected", v.id, n)
+		}
+		if len(v.prot.Errors) > 0 {
+			t.Fatalf("protection errors: %v", v.prot.Errors)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCloseUnderLoad closes the engine while producers are blocked on full
+// queues: every event is processed or rejected with ErrClosed.
+func TestCloseUnderLoad(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 2, QueueDepth: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := make(chan struct{})
+	prot := vasmontest.NewProtections()
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	w := vasmontest.NewRandomWriter(g, 5, 8)
+	if err := e.AddVM(1, g.Mem, prot, 0); err != nil {
+		t.Fatal(err)
+	}
+	// A slow callback keeps the queues full.
+	var once sync.Once
+	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { <-block }) }
+	if _, err := e.Start(context.Background(), 1, w.Tables[0], vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var evs [][]shard.Event
+	for k := 0; k < 2000; k++ {
+		evs = append(evs, toEvents(w.Next()))
+	}
+	var wg sync.WaitGroup
+	var closedErrs sync.Map
+	for p := 0; p < 4; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := p; k < len(evs); k += 4 {
+				if _, err := e.Submit(1, evs[k]); err != nil {
+					closedErrs.Store(err.Error(), true)
+					if !errors.Is(err, engine.ErrClosed) {
+						t.Error(err)
+					}
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(20 * time.Millisecond)
+	go func() { time.Sleep(10 * time.Millisecond); close(block) }()
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	st := checkAccounting(t, e)
+	if st.Processed == 0 {
+		t.Fatal("nothing processed")
+	}
+	if _, err := e.Submit(1, evs[0]); !errors.Is(err, engine.ErrClosed) {
+		t.Fatalf("Submit after Close: %v", err)
+	}
+}
+
+// TestOverload fills a queue in non-blocking mode: Submit returns
+// ErrOverload with the number queued, and the counters add up.
+func TestOverload(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 1, QueueDepth: 8, NonBlocking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+		t.Fatal(err)
+	}
+	block := make(chan struct{})
+	var once sync.Once
+	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { <-block }) }
+	root := g.AllocTable()
+	if _, err := e.Start(context.Background(), 1, root, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The first event reaches the callback and blocks the worker.
+	first := toEvents([]vasmon.Write{g.SetEntry(root, 0, 0x200000|vasmon.BitP|vasmon.BitPS)})
+	if _, err := e.Submit(1, first); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	batch := make([]shard.Event, 100)
+	for i := range batch {
+		batch[i] = first[0]
+	}
+	n, err := e.Submit(1, batch)
+	if !errors.Is(err, engine.ErrOverload) || n >= len(batch) {
+		t.Fatalf("Submit = %d, %v; want ErrOverload after fewer than %d", n, err, len(batch))
+	}
+	close(block)
+	if err := e.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := checkAccounting(t, e)
+	if st.Rejected != uint64(len(batch)-n) {
+		t.Fatalf("rejected %d, want %d", st.Rejected, len(batch)-n)
+	}
+}
+
+// TestCallbackPanic: a panicking callback is recovered, counted, reported
+// with its root, and the shard keeps processing.
+func TestCallbackPanic(t *testing.T) {
+	var mu sync.Mutex
+	var reported []*vasmon.Root
+	e, err := engine.New(engine.Config{Shards: 2, OnPanic: func(r *vasmon.Root, v any) {
+		mu.Lock()
+		reported = append(reported, r)
+		mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+		t.Fatal(err)
+	}
+	calls := 0
+	cb := func(any, uint64, uint64, uint64, uint64) {
+		mu.Lock()
+		calls++
+		mu.Unlock()
+		panic("boom")
+	}
+	rootGPA := g.AllocTable()
+	root, err := e.Start(context.Background(), 1, rootGPA, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ { // ten 1 GiB pages, each in its own PDPT
+		evs := g.Map(rootGPA, uint64(i+1)<<39, 3, uint64(i+1)<<30, vasmon.BitRW)
+		if _, err := e.Submit(1, toEvents(evs)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := e.Stats()
+	if st.Panics != 10 || e.RootPanics(root.ID) != 10 || calls != 10 {
+		t.Fatalf("panics %d (root %d), calls %d; want 10", st.Panics, e.RootPanics(root.ID), calls)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reported) != 10 || reported[0] != root {
+		t.Fatalf("OnPanic told of %d panics", len(reported))
+	}
+}
+
+// TestSerializeCallbacks: with SerializeCallbacks, a root's callbacks never
+// overlap even though its tables live on different shards.
+func TestSerializeCallbacks(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	g := vasmontest.NewGuest(vasmon.Mode4, 64<<20, 1<<20)
+	if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+		t.Fatal(err)
+	}
+	rootGPA := g.AllocTable()
+	// 64 leaf tables spread over the shards.
+	var leaves []uint64
+	for i := 0; i < 64; i++ {
+		g.Map(rootGPA, uint64(i)<<21, 1, 0x1000, vasmon.BitRW)
+		leaves = append(leaves, uint64(i)<<21)
+	}
+	var inside, overlaps, calls int32
+	var mu sync.Mutex
+	cb := func(any, uint64, uint64, uint64, uint64) {
+		mu.Lock()
+		inside++
+		if inside > 1 {
+			overlaps++
+		}
+		calls++
+		mu.Unlock()
+		time.Sleep(20 * time.Microsecond)
+		mu.Lock()
+		inside--
+		mu.Unlock()
+	}
+	if _, err := e.Start(context.Background(), 1, rootGPA, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{SerializeCallbacks: true}); err != nil {
+		t.Fatal(err)
+	}
+	for round := 0; round < 5; round++ {
+		var evs []vasmon.Write
+		for _, va := range leaves {
+			evs = append(evs, g.Map(rootGPA, va+uint64(round+1)<<12, 1, 0x2000, vasmon.BitRW)...)
+		}
+		if _, err := e.Submit(1, toEvents(evs)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 5*64 || overlaps != 0 {
+		t.Fatalf("calls %d (want %d), overlapping calls %d", calls, 5*64, overlaps)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, c := range []engine.Config{
+		{Shards: -1},
+		{CPUs: []int{4095}},
+		{CPUs: []int{}},
+		{Budget: -time.Second},
+		{QueueDepth: -1},
+	} {
+		if e, err := engine.New(c); err == nil {
+			e.Close()
+			t.Errorf("New(%+v) succeeded", c)
+		}
+	}
+}
+
+// TestPinning: workers are pinned to the allowed CPUs of this machine.
+func TestPinning(t *testing.T) {
+	cpus, err := shard.AllowedCPUs()
+	if err != nil {
+		t.Skipf("SKIPPED LOUDLY: cannot read the CPU affinity here: %v", err)
+	}
+	e, err := engine.New(engine.Config{Shards: len(cpus)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if errs := e.PinErrors(); len(errs) != 0 {
+		t.Fatalf("pinning failed on this machine: %v", errs)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 1, MaxVMs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	g := vasmontest.NewGuest(vasmon.Mode4, 1<<20, 0)
+	p := vasmontest.NewProtections()
+	ctx := context.Background()
+	cb := func(any, uint64, uint64, uint64, uint64) {}
+	if _, err := e.Start(ctx, 1, 0, vasmon.Mode4, 0, cb, nil, engine.RootOptions{}); !errors.Is(err, vasmon.ErrUnknownVM) {
+		t.Fatalf("Start on unknown VM: %v", err)
+	}
+	if err := e.AddVM(1, g.Mem, p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.AddVM(1, g.Mem, p, 0); !errors.Is(err, vasmon.ErrVMExists) {
+		t.Fatalf("duplicate AddVM: %v", err)
+	}
+	if err := e.AddVM(2, g.Mem, p, 0); !errors.Is(err, engine.ErrTooMany) {
+		t.Fatalf("AddVM past MaxVMs: %v", err)
+	}
+	if _, err := e.Start(ctx, 1, 1<<30, vasmon.Mode4, 0, cb, nil, engine.RootOptions{}); !errors.Is(err, vasmon.ErrRootOutside) {
+		t.Fatalf("root outside RAM: %v", err)
+	}
+	if _, err := e.Start(ctx, 1, 0, vasmon.Mode(9), 0, cb, nil, engine.RootOptions{}); !errors.Is(err, vasmon.ErrBadMode) {
+		t.Fatalf("bad mode: %v", err)
+	}
+	r, err := e.Start(ctx, 1, 0, vasmon.Mode4, 0, cb, nil, engine.RootOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Start(ctx, 1, 0, vasmon.Mode4, 0, cb, nil, engine.RootOptions{}); !errors.Is(err, vasmon.ErrRootExists) {
+		t.Fatalf("duplicate root: %v", err)
+	}
+	if err := e.Stop(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Stop(ctx, r); !errors.Is(err, vasmon.ErrUnknownRoot) {
+		t.Fatalf("double Stop: %v", err)
+	}
+	if _, err := e.Submit(7, make([]shard.Event, 3)); !errors.Is(err, vasmon.ErrUnknownVM) {
+		t.Fatalf("Submit to unknown VM: %v", err)
+	}
+	checkAccounting(t, e)
+}

@@ -1,0 +1,102 @@
+package engine
+
+import (
+	"sort"
+
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Stats is a snapshot of the engine's counters.
+type Stats struct {
+	Submitted, Accepted, Rejected, Processed uint64
+	Kinds                                    [5]uint64 // by vasmon.WriteKind
+	Callbacks, OverBudget, Panics            uint64
+	Batches, BatchEvents                     uint64
+	Messages                                 uint64 // structural messages between shards
+	QueueLen                                 int
+	Tables, HostBytes                        int64
+	Refused                                  int64 // table hooks refused by budgets (current VMs)
+	Roots, VMs                               int
+	Latency                                  shard.HistSnapshot
+	PerVM                                    []VMStats
+}
+
+// VMStats are one VM's counters.
+type VMStats struct {
+	ID                  vasmon.VMID
+	Submitted, Rejected uint64
+	Kinds               [5]uint64
+	Callbacks           uint64
+	Tables, Refused     int64
+	Roots               int64
+}
+
+// Events returns the processed events of s (sum of kinds).
+func (v *VMStats) Events() uint64 {
+	var n uint64
+	for _, k := range v.Kinds {
+		n += k
+	}
+	return n
+}
+
+// Stats returns a snapshot. Counters are read one by one while workers run,
+// so the snapshot is exact only when the engine is quiescent (after Sync).
+func (e *Engine) Stats() Stats {
+	var st Stats
+	st.Submitted = e.submitted.Load()
+	st.Accepted = e.accepted.Load()
+	st.Rejected = e.rejected.Load()
+	var h shard.HistSnapshot
+	for _, s := range e.shards {
+		c := &s.C
+		st.Processed += c.Processed.Load()
+		for i := range st.Kinds {
+			st.Kinds[i] += c.Kinds[i].Load()
+		}
+		st.Callbacks += c.Callbacks.Load()
+		st.OverBudget += c.OverBudget.Load()
+		st.Panics += c.Panics.Load()
+		st.Batches += c.Batches.Load()
+		st.BatchEvents += c.BatchSum.Load()
+		st.Messages += c.MsgsIn.Load()
+		st.QueueLen += s.QueueLen()
+		st.Tables += s.Tables()
+		st.HostBytes += s.HostBytes()
+		s.Hist.Snapshot(&h)
+		st.Latency.Merge(&h)
+	}
+	e.roots.Range(func(rootKey, *vasmon.Root) bool { st.Roots++; return true })
+	e.vms.Range(func(id vasmon.VMID, ve *vmEntry) bool {
+		st.VMs++
+		v := VMStats{ID: id, Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
+			Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load()}
+		for _, s := range e.shards {
+			c := &s.VMs[ve.slot]
+			for i := range v.Kinds {
+				v.Kinds[i] += c.Kinds[i].Load()
+			}
+		}
+		v.Callbacks = ve.calls.Load()
+		e.roots.Range(func(k rootKey, r *vasmon.Root) bool {
+			if k.vm == id {
+				v.Callbacks += r.Calls.Load()
+			}
+			return true
+		})
+		st.Refused += v.Refused
+		st.PerVM = append(st.PerVM, v)
+		return true
+	})
+	sort.Slice(st.PerVM, func(i, j int) bool { return st.PerVM[i].ID < st.PerVM[j].ID })
+	return st
+}
+
+// RootPanics returns how many callback panics were recovered for root id.
+func (e *Engine) RootPanics(id uint32) uint64 {
+	if c, ok := e.panicRoots.Load(id); ok {
+		return c.Load()
+	}
+	return 0
+}

@@ -1,0 +1,469 @@
+package shard
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Event is one trapped page-table write as a backend submits it. It is a
+// fixed-size, pointer-free record, so queues of events cost the garbage
+// collector nothing.
+type Event struct {
+	GPA  uint64 // first byte written
+	Data uint64 // bytes written, little-endian
+	Old  uint64 // whole entry before the write, if HasOld
+	RIP  uint64 // writer's instruction pointer, 0 if unknown
+	Trap int64  // when the trap was observed, in Now() nanoseconds
+	VM   uint32
+	Slot uint32 // dense per-VM counter slot (set by the engine)
+	Size uint8
+	// HasOld says Old was read from guest memory just before the write.
+	HasOld bool
+}
+
+var epoch = time.Now()
+
+// Now returns the monotonic time used for trap timestamps, in nanoseconds.
+// It does not allocate.
+func Now() int64 { return int64(time.Since(epoch)) }
+
+// Msg is a control message between shards: a structural request for a table
+// this shard owns, or a function to run on the shard's goroutine (dumps,
+// snapshots). Control messages are rare and go through a small mutex-guarded
+// inbox that never blocks its sender, so shards cannot deadlock on each
+// other.
+type Msg struct {
+	Req  vasmon.Request
+	Trap int64
+	Fn   func(*vasmon.Store)
+}
+
+// Sink receives what a shard reports beyond its counters.
+type Sink interface {
+	// Route returns the shard that owns guest page gpa of vm.
+	Route(vm vasmon.VMID, gpa uint64) *Shard
+	// Panic is told of a recovered callback panic.
+	Panic(r *vasmon.Root, v any)
+}
+
+// Config configures one shard.
+type Config struct {
+	ID         int
+	CPU        int // host CPU to pin the worker to; -1 leaves it unpinned
+	QueueDepth int // ingest queue capacity (rounded up to a power of two)
+	MaxBatch   int // most events drained per batch
+	Budget     time.Duration
+	MaxSlots   int // per-VM counter slots
+	// PendingTimeout completes an entry write left half-done for this long
+	// with the entry's value in guest memory (vasmon.Store.ExpirePending).
+	PendingTimeout time.Duration
+}
+
+// Counters of one shard, readable at any time.
+type Counters struct {
+	Kinds      [len(kindNames)]atomic.Uint64 // events by vasmon.WriteKind
+	Processed  atomic.Uint64
+	Callbacks  atomic.Uint64
+	OverBudget atomic.Uint64
+	Panics     atomic.Uint64
+	MsgsIn     atomic.Uint64 // control messages executed
+	MsgsRecv   atomic.Uint64 // control messages received
+	Deferred   atomic.Uint64 // requests held back behind in-flight unhooks
+	Dropped    atomic.Uint64 // held-back hooks dropped: their parent changed meanwhile
+	Held       atomic.Int64  // requests held back now
+	Partial    atomic.Int64  // entry writes in progress now
+	Expired    atomic.Uint64 // entry writes completed from guest memory after PendingTimeout
+	Batches    atomic.Uint64
+	BatchSum   atomic.Uint64
+}
+
+var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
+
+// VMCounters are per-VM event counts by kind, summed over shards by the engine.
+type VMCounters struct {
+	Kinds [len(kindNames)]atomic.Uint64
+}
+
+// Shard owns the table nodes of the guest pages routed to it: its Store is
+// touched only by its worker goroutine. Producers call Enqueue from any
+// goroutine; other shards call Send.
+type Shard struct {
+	cfg   Config
+	q     *Ring[Event]
+	sink  Sink
+	store *vasmon.Store
+	out   vasmon.Output
+	batch []Event
+
+	mu      sync.Mutex
+	inbox   []Msg
+	spare   []Msg
+	pending atomic.Int64 // messages in the inbox
+
+	wake     chan struct{}
+	sleeping atomic.Bool
+	quit     atomic.Bool
+	done     chan struct{}
+
+	deferred      []Msg // held-back requests (see dispatch)
+	spareDeferred []Msg
+	blocked       []*vasmon.Root
+
+	Hist   Histogram
+	C      Counters
+	VMs    []VMCounters
+	PinErr error // why pinning failed, if it did (set before Start returns)
+	tables atomic.Int64
+	bytes  atomic.Int64
+}
+
+// New returns a shard; Start runs its worker.
+func New(cfg Config, sink Sink) *Shard {
+	if cfg.QueueDepth <= 0 {
+		cfg.QueueDepth = 1 << 14
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 256
+	}
+	if cfg.MaxSlots <= 0 {
+		cfg.MaxSlots = 1024
+	}
+	if cfg.PendingTimeout <= 0 {
+		cfg.PendingTimeout = time.Millisecond
+	}
+	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: vasmon.NewStore(),
+		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
+		VMs: make([]VMCounters, cfg.MaxSlots)}
+}
+
+// ID returns the shard's index.
+func (s *Shard) ID() int { return s.cfg.ID }
+
+// QueueLen returns the number of queued events (approximate).
+func (s *Shard) QueueLen() int { return s.q.Len() }
+
+// QueueCap returns the ingest queue's capacity.
+func (s *Shard) QueueCap() int { return s.q.Cap() }
+
+// Tables returns the number of tables hooked in this shard, as of its last batch.
+func (s *Shard) Tables() int64 { return s.tables.Load() }
+
+// HostBytes returns the host memory of the shard's store, as of its last batch.
+func (s *Shard) HostBytes() int64 { return s.bytes.Load() }
+
+// TryEnqueue queues one event; it returns false if the queue is full.
+func (s *Shard) TryEnqueue(e *Event) bool {
+	if !s.q.TryEnqueue(*e) {
+		return false
+	}
+	if s.sleeping.Load() {
+		s.signal()
+	}
+	return true
+}
+
+func (s *Shard) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Send queues a control message. It never blocks on the receiver.
+func (s *Shard) Send(m Msg) {
+	s.C.MsgsRecv.Add(1)
+	s.mu.Lock()
+	s.inbox = append(s.inbox, m)
+	s.mu.Unlock()
+	s.pending.Add(1)
+	s.signal()
+}
+
+// Start runs the worker goroutine. It returns once the worker has tried to
+// pin itself; a pinning failure is in PinErr and the worker runs unpinned.
+func (s *Shard) Start() {
+	ready := make(chan struct{})
+	go s.run(ready)
+	<-ready
+}
+
+// Stop makes the worker exit once its queue and inbox are empty and waits
+// for it. Producers must have stopped.
+func (s *Shard) Stop() {
+	s.quit.Store(true)
+	s.signal()
+	<-s.done
+}
+
+// Idle reports whether the shard has nothing queued or held back.
+func (s *Shard) Idle() bool {
+	return s.q.Len() == 0 && s.pending.Load() == 0 && s.C.Held.Load() == 0 && s.C.Partial.Load() == 0
+}
+
+func (s *Shard) run(ready chan struct{}) {
+	defer close(s.done)
+	runtime.LockOSThread()
+	if s.cfg.CPU >= 0 {
+		if err := Pin(s.cfg.CPU); err != nil {
+			s.PinErr = fmt.Errorf("shard %d runs unpinned: %w", s.cfg.ID, err)
+		}
+	}
+	close(ready)
+	spins := 0
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		worked := false
+		if s.pending.Load() > 0 {
+			s.drainInbox()
+			worked = true
+		}
+		if len(s.deferred) > 0 {
+			s.release()
+		}
+		if n := s.q.DequeueBatch(s.batch); n > 0 {
+			for i := range s.batch[:n] {
+				s.process(&s.batch[i])
+			}
+			// Publish partial-write state before counting the batch
+			// processed: Engine.Sync reads them in the other order.
+			s.publish()
+			s.C.Processed.Add(uint64(n))
+			s.C.Batches.Add(1)
+			s.C.BatchSum.Add(uint64(n))
+			worked = true
+		}
+		if worked {
+			spins = 0
+			s.publish()
+			continue
+		}
+		if len(s.deferred) > 0 {
+			runtime.Gosched()
+			continue
+		}
+		if s.C.Partial.Load() > 0 {
+			s.publish()
+		}
+		if s.quit.Load() && s.Idle() {
+			return
+		}
+		if spins < 64 {
+			spins++
+			runtime.Gosched()
+			continue
+		}
+		s.sleeping.Store(true)
+		if s.Idle() && !s.quit.Load() {
+			d := 10 * time.Millisecond
+			if s.C.Partial.Load() > 0 {
+				d = s.cfg.PendingTimeout
+			}
+			timer.Reset(d)
+			select {
+			case <-s.wake:
+			case <-timer.C:
+			}
+			timer.Stop()
+		}
+		s.sleeping.Store(false)
+	}
+}
+
+func (s *Shard) publish() {
+	if n, oldest := s.store.Pending(); n > 0 {
+		if Now()-oldest > int64(s.cfg.PendingTimeout) {
+			s.out.Reset()
+			k := s.store.ExpirePending(Now()-int64(s.cfg.PendingTimeout), &s.out)
+			s.C.Expired.Add(uint64(k))
+			s.finish(oldest, false)
+			n, _ = s.store.Pending()
+		}
+		s.C.Partial.Store(int64(n))
+	} else if s.C.Partial.Load() != 0 {
+		s.C.Partial.Store(0)
+	}
+	st := s.store.Stats()
+	s.tables.Store(int64(st.Tables))
+	s.bytes.Store(int64(s.store.HostBytes()))
+}
+
+func (s *Shard) drainInbox() {
+	s.mu.Lock()
+	msgs := s.inbox
+	s.inbox = s.spare[:0]
+	s.mu.Unlock()
+	for i := range msgs {
+		m := &msgs[i]
+		if m.Fn != nil {
+			m.Fn(s.store)
+		} else {
+			s.out.Reset()
+			s.store.Exec(&m.Req, &s.out)
+			s.finish(m.Trap, true)
+			if m.Req.Op == vasmon.OpUnhook {
+				m.Req.Root.Unhooks.Add(-1)
+			}
+			m.Req.Root.InFlight.Add(-1)
+		}
+		s.pending.Add(-1)
+		s.C.MsgsIn.Add(1)
+		*m = Msg{}
+	}
+	s.mu.Lock()
+	s.spare = msgs[:0]
+	s.mu.Unlock()
+}
+
+func (s *Shard) process(e *Event) {
+	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap}
+	s.out.Reset()
+	k := s.store.Write(vasmon.VMID(e.VM), &w, &s.out)
+	s.C.Kinds[k].Add(1)
+	if int(e.Slot) < len(s.VMs) {
+		s.VMs[e.Slot].Kinds[k].Add(1)
+	}
+	if len(s.out.Reqs) > 0 || len(s.out.Calls) > 0 {
+		s.finish(e.Trap, false)
+	}
+}
+
+// finish dispatches the structural requests in s.out and invokes the
+// callbacks: first every unhook (with those its local execution adds), then
+// the callbacks so far - the leaf changes and the removals - and only then
+// the hooks, whose additions follow. cascade says the requests come from
+// executing a message (an unhook cascade must never wait), not from a guest
+// write.
+func (s *Shard) finish(trap int64, cascade bool) {
+	called := 0
+	for i := 0; i < len(s.out.Reqs); i++ {
+		if s.out.Reqs[i].Op == vasmon.OpUnhook {
+			s.dispatch(&s.out.Reqs[i], trap, cascade)
+		}
+	}
+	called = s.invokeFrom(called, trap)
+	for i := 0; i < len(s.out.Reqs); i++ {
+		if s.out.Reqs[i].Op == vasmon.OpHook {
+			s.dispatch(&s.out.Reqs[i], trap, cascade)
+		}
+	}
+	s.invokeFrom(called, trap)
+}
+
+// invokeFrom invokes s.out.Calls[from:] and returns len(s.out.Calls).
+func (s *Shard) invokeFrom(from int, trap int64) int {
+	n := len(s.out.Calls)
+	if from == n {
+		return n
+	}
+	lat := Now() - trap
+	for i := from; i < n; i++ {
+		s.Hist.Record(lat)
+		if s.cfg.Budget > 0 && lat > int64(s.cfg.Budget) {
+			s.C.OverBudget.Add(1)
+		}
+		s.invoke(&s.out.Calls[i])
+	}
+	s.C.Callbacks.Add(uint64(n - from))
+	return n
+}
+
+// dispatch executes a request here if this shard owns its table, sends it
+// otherwise, or holds it back. Hooks of a root wait while unhooks of that
+// root are in flight anywhere (Root.Unhooks), and a root's requests from
+// guest writes wait behind its held-back ones, so that an unlinked subtree's
+// removals are reported before a newly linked subtree's additions at the
+// same addresses. Unhooks of a cascade never wait, so unhooking always
+// completes and held-back hooks are eventually released.
+func (s *Shard) dispatch(req *vasmon.Request, trap int64, cascade bool) {
+	r := req.Root
+	if (req.Op == vasmon.OpHook && r.Unhooks.Load() > 0) || (!cascade && s.holds(r)) {
+		r.InFlight.Add(1)
+		s.deferred = append(s.deferred, Msg{Req: *req, Trap: trap})
+		s.C.Held.Add(1)
+		s.C.Deferred.Add(1)
+		return
+	}
+	owner := s.sink.Route(r.VM.ID, req.GPA)
+	if owner == s {
+		s.store.Exec(req, &s.out)
+		return
+	}
+	r.InFlight.Add(1)
+	if req.Op == vasmon.OpUnhook {
+		r.Unhooks.Add(1)
+	}
+	owner.Send(Msg{Req: *req, Trap: trap})
+}
+
+func (s *Shard) holds(r *vasmon.Root) bool {
+	for i := range s.deferred {
+		if s.deferred[i].Req.Root == r {
+			return true
+		}
+	}
+	return false
+}
+
+// release lets held-back requests go, in order per root, once their root has
+// no unhook in flight. A hook whose parent was unhooked or re-pointed since
+// is dropped.
+func (s *Shard) release() {
+	held := s.deferred
+	s.deferred = s.spareDeferred[:0]
+	blocked := s.blocked[:0]
+	for i := range held {
+		m := held[i]
+		r := m.Req.Root
+		stop := false
+		for _, b := range blocked {
+			stop = stop || b == r
+		}
+		if !stop && m.Req.Op == vasmon.OpHook && r.Unhooks.Load() > 0 {
+			blocked = append(blocked, r)
+			stop = true
+		}
+		if stop {
+			s.deferred = append(s.deferred, m)
+			continue
+		}
+		if m.Req.Op == vasmon.OpHook && !s.store.Linked(&m.Req) {
+			s.C.Dropped.Add(1)
+		} else {
+			s.out.Reset()
+			s.dispatch(&m.Req, m.Trap, true)
+			s.finish(m.Trap, true)
+		}
+		// Only now, so that neither the root nor Engine.Sync sees the
+		// work as done before what it caused is counted.
+		r.InFlight.Add(-1)
+		s.C.Held.Add(-1)
+	}
+	clear(held)
+	s.spareDeferred = held[:0]
+	clear(blocked)
+	s.blocked = blocked[:0]
+}
+
+func (s *Shard) invoke(c *vasmon.Call) {
+	defer func() {
+		if v := recover(); v != nil {
+			s.C.Panics.Add(1)
+			s.sink.Panic(c.Root, v)
+		}
+	}()
+	c.Root.Calls.Add(1)
+	c.Root.Callback(c.Root.Ctx, c.VA, c.Old, c.New, c.Size)
+}
+
+// Run runs fn on the shard's goroutine with its store and waits for it.
+func (s *Shard) Run(fn func(*vasmon.Store)) {
+	done := make(chan struct{})
+	s.Send(Msg{Fn: func(st *vasmon.Store) { fn(st); close(done) }})
+	<-done
+}
