@@ -95,7 +95,6 @@ type vmEntry struct {
 	submitted atomic.Uint64
 	rejected  atomic.Uint64
 	roots     atomic.Int64
-	calls     atomic.Uint64 // callbacks of the VM's stopped roots
 }
 
 // Engine is a running set of shards. Create it with New, release it with Close.
@@ -114,6 +113,7 @@ type Engine struct {
 	closed                        atomic.Bool
 	closeOnce                     sync.Once
 	panicRoots                    *xsync.MapOf[uint32, *atomic.Uint64]
+	refusedGone                   atomic.Int64 // hook refusals of removed VMs
 }
 
 // New starts an engine. Pinning failures do not fail New: they are returned
@@ -257,23 +257,17 @@ func (e *Engine) AddVM(id vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector,
 		return fmt.Errorf("%w: the engine holds at most %d (Config.MaxVMs)", ErrTooMany, e.cfg.MaxVMs)
 	}
 	ve := &vmEntry{vm: vasmon.NewVM(id, mem, prot, maxTables), slot: uint32(slot)}
+	ve.vm.Slot = uint32(slot)
 	if _, loaded := e.vms.LoadOrStore(id, ve); loaded {
 		e.slotMu.Unlock()
 		return vasmon.ErrVMExists
 	}
 	e.slots[slot] = true
 	e.slotMu.Unlock()
-	e.resetSlot(slot)
-	return nil
-}
-
-func (e *Engine) resetSlot(slot int) {
 	for _, s := range e.shards {
-		c := &s.VMs[slot]
-		for i := range c.Kinds {
-			c.Kinds[i].Store(0)
-		}
+		s.ResetSlot(uint32(slot))
 	}
+	return nil
 }
 
 // RemoveVM stops every root of the VM (reporting their mappings removed) and
@@ -296,6 +290,7 @@ func (e *Engine) RemoveVM(ctx context.Context, id vasmon.VMID) error {
 		return errors.Join(errs...)
 	}
 	e.vms.Delete(id)
+	e.refusedGone.Add(ve.vm.Refused())
 	e.slotMu.Lock()
 	e.slots[ve.slot] = false
 	e.slotMu.Unlock()
@@ -416,9 +411,6 @@ func (e *Engine) stop(ctx context.Context, key rootKey, r *vasmon.Root) error {
 	e.send(vasmon.Request{Root: r, GPA: r.RootGPA(), Level: uint8(r.Mode.Levels()), Op: vasmon.OpUnhook})
 	err := e.waitRoot(ctx, r)
 	r.MarkStopped()
-	if ve != nil {
-		ve.calls.Add(r.Calls.Load())
-	}
 	return err
 }
 

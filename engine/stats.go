@@ -77,14 +77,8 @@ func (e *Engine) Stats() Stats {
 			for i := range v.Kinds {
 				v.Kinds[i] += c.Kinds[i].Load()
 			}
+			v.Callbacks += c.Callbacks.Load()
 		}
-		v.Callbacks = ve.calls.Load()
-		e.roots.Range(func(k rootKey, r *vasmon.Root) bool {
-			if k.vm == id {
-				v.Callbacks += r.Calls.Load()
-			}
-			return true
-		})
 		st.Refused += v.Refused
 		st.PerVM = append(st.PerVM, v)
 		return true

@@ -84,9 +84,22 @@ type Counters struct {
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
 
-// VMCounters are per-VM event counts by kind, summed over shards by the engine.
+// VMCounters are per-VM event counts by kind and callbacks, summed over
+// shards by the engine.
 type VMCounters struct {
-	Kinds [len(kindNames)]atomic.Uint64
+	Kinds     [len(kindNames)]atomic.Uint64
+	Callbacks atomic.Uint64
+}
+
+// local are the counters the worker updates with plain arithmetic on the
+// event path; publishCounters copies them into the atomic Counters and
+// VMCounters after each batch, so readers see them at most one batch late.
+type local struct {
+	kinds           [len(kindNames)]uint64
+	callbacks, over uint64
+	vm              [][len(kindNames) + 1]uint64 // kinds, then callbacks
+	dirty           []uint32                     // VM slots changed since the last publish
+	isDirty         []bool
 }
 
 // Shard owns the table nodes of the guest pages routed to it: its Store is
@@ -114,6 +127,8 @@ type Shard struct {
 	spareDeferred []Msg
 	blocked       []*vasmon.Root
 
+	loc local
+
 	Hist   Histogram
 	C      Counters
 	VMs    []VMCounters
@@ -138,7 +153,9 @@ func New(cfg Config, sink Sink) *Shard {
 	}
 	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: vasmon.NewStore(),
 		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
-		VMs: make([]VMCounters, cfg.MaxSlots)}
+		VMs: make([]VMCounters, cfg.MaxSlots),
+		loc: local{vm: make([][len(kindNames) + 1]uint64, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
+			isDirty: make([]bool, cfg.MaxSlots)}}
 }
 
 // ID returns the shard's index.
@@ -221,6 +238,7 @@ func (s *Shard) run(ready chan struct{}) {
 		worked := false
 		if s.pending.Load() > 0 {
 			s.drainInbox()
+			s.publishCounters()
 			worked = true
 		}
 		if len(s.deferred) > 0 {
@@ -233,6 +251,7 @@ func (s *Shard) run(ready chan struct{}) {
 			// Publish partial-write state before counting the batch
 			// processed: Engine.Sync reads them in the other order.
 			s.publish()
+			s.publishCounters()
 			s.C.Processed.Add(uint64(n))
 			s.C.Batches.Add(1)
 			s.C.BatchSum.Add(uint64(n))
@@ -324,9 +343,10 @@ func (s *Shard) process(e *Event) {
 	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap}
 	s.out.Reset()
 	k := s.store.Write(vasmon.VMID(e.VM), &w, &s.out)
-	s.C.Kinds[k].Add(1)
+	s.loc.kinds[k]++
 	if int(e.Slot) < len(s.VMs) {
-		s.VMs[e.Slot].Kinds[k].Add(1)
+		s.loc.vm[e.Slot][k]++
+		s.markDirty(e.Slot)
 	}
 	if len(s.out.Reqs) > 0 || len(s.out.Calls) > 0 {
 		s.finish(e.Trap, false)
@@ -362,15 +382,57 @@ func (s *Shard) invokeFrom(from int, trap int64) int {
 		return n
 	}
 	lat := Now() - trap
+	over := s.cfg.Budget > 0 && lat > int64(s.cfg.Budget)
 	for i := from; i < n; i++ {
+		c := &s.out.Calls[i]
 		s.Hist.Record(lat)
-		if s.cfg.Budget > 0 && lat > int64(s.cfg.Budget) {
-			s.C.OverBudget.Add(1)
+		if over {
+			s.loc.over++
 		}
-		s.invoke(&s.out.Calls[i])
+		if slot := c.Root.VM.Slot; int(slot) < len(s.VMs) {
+			s.loc.vm[slot][len(kindNames)]++
+			s.markDirty(slot)
+		}
+		s.invoke(c)
 	}
-	s.C.Callbacks.Add(uint64(n - from))
+	s.loc.callbacks += uint64(n - from)
 	return n
+}
+
+func (s *Shard) markDirty(slot uint32) {
+	if !s.loc.isDirty[slot] {
+		s.loc.isDirty[slot] = true
+		s.loc.dirty = append(s.loc.dirty, slot)
+	}
+}
+
+// publishCounters copies the worker's plain counters into the atomics.
+func (s *Shard) publishCounters() {
+	l := &s.loc
+	for k, v := range l.kinds {
+		s.C.Kinds[k].Store(v)
+	}
+	s.C.Callbacks.Store(l.callbacks)
+	s.C.OverBudget.Store(l.over)
+	for _, slot := range l.dirty {
+		c := &s.VMs[slot]
+		for k := range c.Kinds {
+			c.Kinds[k].Store(l.vm[slot][k])
+		}
+		c.Callbacks.Store(l.vm[slot][len(kindNames)])
+		l.isDirty[slot] = false
+	}
+	l.dirty = l.dirty[:0]
+}
+
+// ResetSlot zeroes the counters of a VM slot before it is reused. It runs on
+// the worker (through Run), which owns the plain counters.
+func (s *Shard) ResetSlot(slot uint32) {
+	s.Run(func(*vasmon.Store) {
+		s.loc.vm[slot] = [len(kindNames) + 1]uint64{}
+		s.markDirty(slot)
+		s.publishCounters()
+	})
 }
 
 // dispatch executes a request here if this shard owns its table, sends it
@@ -457,7 +519,6 @@ func (s *Shard) invoke(c *vasmon.Call) {
 			s.sink.Panic(c.Root, v)
 		}
 	}()
-	c.Root.Calls.Add(1)
 	c.Root.Callback(c.Root.Ctx, c.VA, c.Old, c.New, c.Size)
 }
 

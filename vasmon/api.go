@@ -94,6 +94,9 @@ type VM struct {
 	Mem       Memory
 	Prot      Protector
 	MaxTables int64
+	// Slot is the executor's own index for the VM (the engine's counter
+	// slot); the monitor does not use it.
+	Slot uint32
 
 	tables  atomic.Int64
 	refused atomic.Int64
@@ -134,9 +137,6 @@ type Root struct {
 	// unhooked subtree reports removed are reported before the mappings of
 	// a subtree linked later at the same addresses are reported new.
 	Unhooks atomic.Int64
-	// Calls counts callbacks invoked for this root by a concurrent
-	// executor (the sharded engine). The Monitor does not use it.
-	Calls atomic.Uint64
 
 	tables  atomic.Int64
 	gen     atomic.Uint32

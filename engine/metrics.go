@@ -1,0 +1,143 @@
+package engine
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// LatencyBuckets are the upper bounds, in seconds, of the exported
+// trap-to-callback latency histogram.
+var LatencyBuckets = []float64{1e-6, 2.5e-6, 5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+	1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1}
+
+// Register exports the engine's metrics on reg. Everything is read from the
+// engine's counters when reg is scraped, so metrics cost the event path
+// nothing. Per-VM series carry a "vm" label only for the VMs in the first
+// Config.MaxVMLabels counter slots (slots are handed out in AddVM order and
+// reused after RemoveVM); the others are summed under vm="other", so the
+// number of series is bounded whatever the number of VMs.
+func (e *Engine) Register(reg prometheus.Registerer) error {
+	return reg.Register(&collector{e: e, bounds: shard.BoundsNs(LatencyBuckets)})
+}
+
+type collector struct {
+	e      *Engine
+	bounds []int64
+}
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("vasengine_"+name, help, labels, nil)
+}
+
+var (
+	dSubmitted  = desc("events_submitted_total", "Events passed to Submit.")
+	dRejected   = desc("events_rejected_total", "Events Submit returned as errors (overload, closed, unknown VM).")
+	dEvents     = desc("events_total", "Events processed, by kind (relevant, irrelevant, partial, duplicate, untracked).", "kind")
+	dVMEvents   = desc("vm_events_total", "Events processed per VM and kind; VMs past the label limit are summed as vm=\"other\".", "vm", "kind")
+	dVMSubmit   = desc("vm_events_submitted_total", "Events submitted per VM; VMs past the label limit are summed as vm=\"other\".", "vm")
+	dCallbacks  = desc("callbacks_total", "Callbacks invoked.")
+	dLatency    = desc("callback_latency_seconds", "Trap-to-callback latency.")
+	dBudget     = desc("latency_budget_seconds", "The configured trap-to-callback latency budget.")
+	dOver       = desc("latency_budget_violations_total", "Callbacks invoked later than the latency budget after their trap.")
+	dPanics     = desc("callback_panics_total", "Callback panics recovered.")
+	dQueue      = desc("queue_depth", "Events queued in a shard's ingest queue.", "shard")
+	dQueueCap   = desc("queue_capacity", "Capacity of a shard's ingest queue.", "shard")
+	dBatches    = desc("batches_total", "Batches drained by a shard worker.", "shard")
+	dBatchEv    = desc("batch_events_total", "Events drained in batches by a shard worker (mean batch size = rate of this / rate of batches_total).", "shard")
+	dTables     = desc("hooked_tables", "Page tables hooked.")
+	dBytes      = desc("table_host_bytes", "Host memory held for hooked tables (shadows, nodes, indexes).")
+	dRefused    = desc("hook_refusals_total", "Table hooks refused by a root or VM table budget.")
+	dMessages   = desc("structural_messages_total", "Hook and unhook requests executed on another shard than the one that made them.")
+	dHeld       = desc("held_requests", "Hook requests held back behind in-flight unhooks of the same root.")
+	dPartial    = desc("partial_writes", "Entry writes in progress (partially written entries).")
+	dExpired    = desc("partial_writes_expired_total", "Partial writes completed from guest memory after the pending timeout.")
+	dRoots      = desc("roots", "Address spaces monitored.")
+	dVMs        = desc("vms", "VMs registered.")
+	dShards     = desc("shards", "Shards (worker goroutines).")
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dRoots, dVMs, dShards}
+	counterType = prometheus.CounterValue
+	gaugeType   = prometheus.GaugeValue
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range dAllDescs {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	e := c.e
+	st := e.Stats()
+	m := func(d *prometheus.Desc, t prometheus.ValueType, v float64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, t, v, l...)
+	}
+	m(dSubmitted, counterType, float64(st.Submitted))
+	m(dRejected, counterType, float64(st.Rejected))
+	for k, n := range st.Kinds {
+		m(dEvents, counterType, float64(n), vasmon.WriteKind(k).String())
+	}
+	// Per-VM series, bounded.
+	var other VMStats
+	haveOther := false
+	for _, v := range st.PerVM {
+		ve, ok := e.vms.Load(v.ID)
+		if ok && int(ve.slot) < e.cfg.MaxVMLabels {
+			id := strconv.FormatUint(uint64(v.ID), 10)
+			for k, n := range v.Kinds {
+				m(dVMEvents, counterType, float64(n), id, vasmon.WriteKind(k).String())
+			}
+			m(dVMSubmit, counterType, float64(v.Submitted), id)
+			continue
+		}
+		haveOther = true
+		other.Submitted += v.Submitted
+		for k := range v.Kinds {
+			other.Kinds[k] += v.Kinds[k]
+		}
+	}
+	if haveOther {
+		for k, n := range other.Kinds {
+			m(dVMEvents, counterType, float64(n), "other", vasmon.WriteKind(k).String())
+		}
+		m(dVMSubmit, counterType, float64(other.Submitted), "other")
+	}
+	m(dCallbacks, counterType, float64(st.Callbacks))
+	cum := make([]uint64, len(c.bounds))
+	st.Latency.Cumulative(c.bounds, cum)
+	buckets := make(map[float64]uint64, len(cum))
+	for i, b := range LatencyBuckets {
+		buckets[b] = cum[i]
+	}
+	ch <- prometheus.MustNewConstHistogram(dLatency, st.Latency.Count(), float64(st.Latency.Sum())/1e9, buckets)
+	m(dBudget, gaugeType, e.cfg.Budget.Seconds())
+	m(dOver, counterType, float64(st.OverBudget))
+	m(dPanics, counterType, float64(st.Panics))
+	for _, s := range e.shards {
+		id := strconv.Itoa(s.ID())
+		m(dQueue, gaugeType, float64(s.QueueLen()), id)
+		m(dQueueCap, gaugeType, float64(s.QueueCap()), id)
+		m(dBatches, counterType, float64(s.C.Batches.Load()), id)
+		m(dBatchEv, counterType, float64(s.C.BatchSum.Load()), id)
+	}
+	m(dTables, gaugeType, float64(st.Tables))
+	m(dBytes, gaugeType, float64(st.HostBytes))
+	m(dRefused, counterType, float64(st.Refused+e.refusedGone.Load()))
+	m(dMessages, counterType, float64(st.Messages))
+	var held, partial int64
+	var expired uint64
+	for _, s := range e.shards {
+		held += s.C.Held.Load()
+		partial += s.C.Partial.Load()
+		expired += s.C.Expired.Load()
+	}
+	m(dHeld, gaugeType, float64(held))
+	m(dPartial, gaugeType, float64(partial))
+	m(dExpired, counterType, float64(expired))
+	m(dRoots, gaugeType, float64(st.Roots))
+	m(dVMs, gaugeType, float64(st.VMs))
+	m(dShards, gaugeType, float64(len(e.shards)))
+}
