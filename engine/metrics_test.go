@@ -115,4 +115,3 @@ func itoa(v uint64) string {
 		}
 	}
 }
-
