@@ -78,6 +78,8 @@ func startVMs(t testing.TB, e *engine.Engine, rec *vasmontest.Recorder, vms []*t
 	}
 }
 
+var engineOf = map[string]*engine.Engine{}
+
 func checkOracle(t testing.TB, rec *vasmontest.Recorder, vms []*testVM) {
 	t.Helper()
 	for _, v := range vms {
@@ -88,6 +90,13 @@ func checkOracle(t testing.TB, rec *vasmontest.Recorder, vms []*testVM) {
 				t.Fatal(err)
 			}
 			if d := vasmontest.Diff(want, v.maps[r], 10); d != "" {
+				for _, s := range engineOf[t.Name()].Shards() {
+					t.Logf("shard %d: supersedes %d misses %d deferred %d dropped %d expired %d", s.ID(),
+						s.C.Supersedes.Load(), s.C.Misses.Load(), s.C.Deferred.Load(), s.C.Dropped.Load(), s.C.Expired.Load())
+				}
+				for _, ti := range engineOf[t.Name()].Dump(root) {
+					t.Logf("hooked: L%d gpa=%#x va=%#x present=%d stale=%v", ti.Level, ti.GPA, ti.VA, ti.Present, ti.Stale)
+				}
 				t.Fatalf("VM %d (%v) root %d: oracle violated: %s", v.id, v.g.Mode, r, d)
 			}
 		}
@@ -151,6 +160,7 @@ func TestOracleConcurrent(t *testing.T) {
 				}
 				defer e.Close()
 				rec := vasmontest.NewRecorder()
+				engineOf[t.Name()] = e
 				var vms []*testVM
 				for i := 0; i < 8; i++ {
 					vms = append(vms, newTestVM(t, vasmon.VMID(i+1), vasmon.Modes[i%4], seed*100+uint64(i)))
@@ -174,6 +184,13 @@ func TestOracleConcurrent(t *testing.T) {
 					t.Fatal(err)
 				}
 				checkOracle(t, rec, vms)
+				for _, s := range e.Shards() {
+					// Hooks wait for in-flight unhooks, so two tables never
+					// meet at one place.
+					if n := s.C.Supersedes.Load(); n != 0 {
+						t.Fatalf("shard %d: %d supersedes", s.ID(), n)
+					}
+				}
 				st := checkAccounting(t, e)
 				if st.Kinds[vasmon.WriteRelevant] == 0 || st.Callbacks == 0 {
 					t.Fatalf("no relevant events: %+v", st.Kinds)

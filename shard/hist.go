@@ -203,3 +203,49 @@ func BoundsNs(secs []float64) []int64 {
 	}
 	return ns
 }
+
+// LocalHist is the single writer's side of a Histogram: Record is plain
+// arithmetic (no atomic operation), and PublishTo copies what changed into
+// a Histogram that readers snapshot concurrently. A shard worker records
+// every callback's latency here and publishes after each batch. It does not
+// allocate after construction.
+type LocalHist struct {
+	counts  [numBuckets]uint64
+	sum     int64
+	count   uint64
+	max     int64
+	dirty   []uint16
+	isDirty [numBuckets]bool
+}
+
+// NewLocalHist returns an empty LocalHist.
+func NewLocalHist() *LocalHist { return &LocalHist{dirty: make([]uint16, 0, numBuckets)} }
+
+// Record adds ns (negative counts as 0).
+func (l *LocalHist) Record(ns int64) {
+	ns = max(ns, 0)
+	b := bucketOf(uint64(ns))
+	l.counts[b]++
+	if !l.isDirty[b] {
+		l.isDirty[b] = true
+		l.dirty = append(l.dirty, uint16(b))
+	}
+	l.sum += ns
+	l.count++
+	l.max = max(l.max, ns)
+}
+
+// PublishTo makes h equal to l. h must have no other writer.
+func (l *LocalHist) PublishTo(h *Histogram) {
+	if len(l.dirty) == 0 {
+		return
+	}
+	h.max.Store(l.max)
+	for _, b := range l.dirty {
+		h.counts[b].Store(l.counts[b])
+		l.isDirty[b] = false
+	}
+	l.dirty = l.dirty[:0]
+	h.sum.Store(l.sum)
+	h.count.Store(l.count)
+}

@@ -73,11 +73,13 @@ type Counters struct {
 	Panics     atomic.Uint64
 	MsgsIn     atomic.Uint64 // control messages executed
 	MsgsRecv   atomic.Uint64 // control messages received
-	Deferred   atomic.Uint64 // requests held back behind in-flight unhooks
-	Dropped    atomic.Uint64 // held-back hooks dropped: their parent changed meanwhile
-	Held       atomic.Int64  // requests held back now
+	Deferred   atomic.Uint64 // hooks held behind in-flight unhooks
+	Dropped    atomic.Uint64 // held hooks dropped: their parent entry changed meanwhile
+	Held       atomic.Int64  // hooks held now
 	Partial    atomic.Int64  // entry writes in progress now
 	Expired    atomic.Uint64 // entry writes completed from guest memory after PendingTimeout
+	Supersedes atomic.Uint64 // hooks that found a table at the same place (store statistic)
+	Misses     atomic.Uint64 // unhooks of tables not hooked here (store statistic)
 	Batches    atomic.Uint64
 	BatchSum   atomic.Uint64
 }
@@ -123,13 +125,14 @@ type Shard struct {
 	quit     atomic.Bool
 	done     chan struct{}
 
-	deferred      []Msg // held-back requests (see dispatch)
+	deferred      []Msg // held hooks (see dispatch)
 	spareDeferred []Msg
 	blocked       []*vasmon.Root
 
-	loc local
+	loc   local
+	lhist *LocalHist
 
-	Hist   Histogram
+	Hist   Histogram // callback latencies, published after each batch
 	C      Counters
 	VMs    []VMCounters
 	PinErr error // why pinning failed, if it did (set before Start returns)
@@ -153,7 +156,7 @@ func New(cfg Config, sink Sink) *Shard {
 	}
 	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: vasmon.NewStore(),
 		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
-		VMs: make([]VMCounters, cfg.MaxSlots),
+		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
 		loc: local{vm: make([][len(kindNames) + 1]uint64, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
 			isDirty: make([]bool, cfg.MaxSlots)}}
 }
@@ -238,7 +241,6 @@ func (s *Shard) run(ready chan struct{}) {
 		worked := false
 		if s.pending.Load() > 0 {
 			s.drainInbox()
-			s.publishCounters()
 			worked = true
 		}
 		if len(s.deferred) > 0 {
@@ -300,7 +302,8 @@ func (s *Shard) publish() {
 			s.out.Reset()
 			k := s.store.ExpirePending(Now()-int64(s.cfg.PendingTimeout), &s.out)
 			s.C.Expired.Add(uint64(k))
-			s.finish(oldest, false)
+			s.finish(oldest)
+			s.publishCounters()
 			n, _ = s.store.Pending()
 		}
 		s.C.Partial.Store(int64(n))
@@ -308,6 +311,8 @@ func (s *Shard) publish() {
 		s.C.Partial.Store(0)
 	}
 	st := s.store.Stats()
+	s.C.Supersedes.Store(st.Supersedes)
+	s.C.Misses.Store(st.UnhookMisses)
 	s.tables.Store(int64(st.Tables))
 	s.bytes.Store(int64(s.store.HostBytes()))
 }
@@ -324,12 +329,13 @@ func (s *Shard) drainInbox() {
 		} else {
 			s.out.Reset()
 			s.store.Exec(&m.Req, &s.out)
-			s.finish(m.Trap, true)
+			s.finish(m.Trap)
 			if m.Req.Op == vasmon.OpUnhook {
 				m.Req.Root.Unhooks.Add(-1)
 			}
 			m.Req.Root.InFlight.Add(-1)
 		}
+		s.publishCounters()
 		s.pending.Add(-1)
 		s.C.MsgsIn.Add(1)
 		*m = Msg{}
@@ -349,27 +355,25 @@ func (s *Shard) process(e *Event) {
 		s.markDirty(e.Slot)
 	}
 	if len(s.out.Reqs) > 0 || len(s.out.Calls) > 0 {
-		s.finish(e.Trap, false)
+		s.finish(e.Trap)
 	}
 }
 
 // finish dispatches the structural requests in s.out and invokes the
 // callbacks: first every unhook (with those its local execution adds), then
 // the callbacks so far - the leaf changes and the removals - and only then
-// the hooks, whose additions follow. cascade says the requests come from
-// executing a message (an unhook cascade must never wait), not from a guest
-// write.
-func (s *Shard) finish(trap int64, cascade bool) {
+// the hooks, whose additions follow.
+func (s *Shard) finish(trap int64) {
 	called := 0
 	for i := 0; i < len(s.out.Reqs); i++ {
 		if s.out.Reqs[i].Op == vasmon.OpUnhook {
-			s.dispatch(&s.out.Reqs[i], trap, cascade)
+			s.dispatch(&s.out.Reqs[i], trap)
 		}
 	}
 	called = s.invokeFrom(called, trap)
 	for i := 0; i < len(s.out.Reqs); i++ {
 		if s.out.Reqs[i].Op == vasmon.OpHook {
-			s.dispatch(&s.out.Reqs[i], trap, cascade)
+			s.dispatch(&s.out.Reqs[i], trap)
 		}
 	}
 	s.invokeFrom(called, trap)
@@ -385,7 +389,7 @@ func (s *Shard) invokeFrom(from int, trap int64) int {
 	over := s.cfg.Budget > 0 && lat > int64(s.cfg.Budget)
 	for i := from; i < n; i++ {
 		c := &s.out.Calls[i]
-		s.Hist.Record(lat)
+		s.lhist.Record(lat)
 		if over {
 			s.loc.over++
 		}
@@ -412,6 +416,7 @@ func (s *Shard) publishCounters() {
 	for k, v := range l.kinds {
 		s.C.Kinds[k].Store(v)
 	}
+	s.lhist.PublishTo(&s.Hist)
 	s.C.Callbacks.Store(l.callbacks)
 	s.C.OverBudget.Store(l.over)
 	for _, slot := range l.dirty {
@@ -436,15 +441,16 @@ func (s *Shard) ResetSlot(slot uint32) {
 }
 
 // dispatch executes a request here if this shard owns its table, sends it
-// otherwise, or holds it back. Hooks of a root wait while unhooks of that
-// root are in flight anywhere (Root.Unhooks), and a root's requests from
-// guest writes wait behind its held-back ones, so that an unlinked subtree's
-// removals are reported before a newly linked subtree's additions at the
-// same addresses. Unhooks of a cascade never wait, so unhooking always
-// completes and held-back hooks are eventually released.
-func (s *Shard) dispatch(req *vasmon.Request, trap int64, cascade bool) {
+// otherwise, or holds it back. A hook of a root waits while unhooks of that
+// root are in flight anywhere (Root.Unhooks), and behind the root's hooks
+// already held here, so that an unlinked subtree's removals are reported
+// before a newly linked subtree's additions at the same addresses. Unhooks
+// never wait, so unhooking always completes and held hooks are eventually
+// released; a hook whose parent entry changed meanwhile is dropped at
+// release (vasmon.Store.Linked).
+func (s *Shard) dispatch(req *vasmon.Request, trap int64) {
 	r := req.Root
-	if (req.Op == vasmon.OpHook && r.Unhooks.Load() > 0) || (!cascade && s.holds(r)) {
+	if req.Op == vasmon.OpHook && (r.Unhooks.Load() > 0 || s.holds(r)) {
 		r.InFlight.Add(1)
 		s.deferred = append(s.deferred, Msg{Req: *req, Trap: trap})
 		s.C.Held.Add(1)
@@ -463,6 +469,17 @@ func (s *Shard) dispatch(req *vasmon.Request, trap int64, cascade bool) {
 	owner.Send(Msg{Req: *req, Trap: trap})
 }
 
+// exec executes a released hook here or sends it to its owner.
+func (s *Shard) exec(req *vasmon.Request, trap int64) {
+	owner := s.sink.Route(req.Root.VM.ID, req.GPA)
+	if owner == s {
+		s.store.Exec(req, &s.out)
+		return
+	}
+	req.Root.InFlight.Add(1)
+	owner.Send(Msg{Req: *req, Trap: trap})
+}
+
 func (s *Shard) holds(r *vasmon.Root) bool {
 	for i := range s.deferred {
 		if s.deferred[i].Req.Root == r {
@@ -472,9 +489,9 @@ func (s *Shard) holds(r *vasmon.Root) bool {
 	return false
 }
 
-// release lets held-back requests go, in order per root, once their root has
-// no unhook in flight. A hook whose parent was unhooked or re-pointed since
-// is dropped.
+// release lets held hooks go, in order per root, once their root has no
+// unhook in flight. A hook whose parent was unhooked or re-pointed since is
+// dropped.
 func (s *Shard) release() {
 	held := s.deferred
 	s.deferred = s.spareDeferred[:0]
@@ -486,7 +503,7 @@ func (s *Shard) release() {
 		for _, b := range blocked {
 			stop = stop || b == r
 		}
-		if !stop && m.Req.Op == vasmon.OpHook && r.Unhooks.Load() > 0 {
+		if !stop && r.Unhooks.Load() > 0 {
 			blocked = append(blocked, r)
 			stop = true
 		}
@@ -494,15 +511,16 @@ func (s *Shard) release() {
 			s.deferred = append(s.deferred, m)
 			continue
 		}
-		if m.Req.Op == vasmon.OpHook && !s.store.Linked(&m.Req) {
+		if !s.store.Linked(&m.Req) {
 			s.C.Dropped.Add(1)
 		} else {
 			s.out.Reset()
-			s.dispatch(&m.Req, m.Trap, true)
-			s.finish(m.Trap, true)
+			s.exec(&m.Req, m.Trap)
+			s.finish(m.Trap)
 		}
 		// Only now, so that neither the root nor Engine.Sync sees the
 		// work as done before what it caused is counted.
+		s.publishCounters()
 		r.InFlight.Add(-1)
 		s.C.Held.Add(-1)
 	}

@@ -86,6 +86,7 @@ const (
 	Refused               // the root or VM table budget is exhausted
 	Failed                // the page could not be read or protected
 	Ignored               // the root is stopped
+	Duplicate             // the same link is already hooked
 )
 
 // page is a hooked guest page: the shadow copy of its bytes, shared by every
@@ -157,6 +158,7 @@ type StoreStats struct {
 	Unhooks        uint64
 	UnhookMisses   uint64 // unhook of a table that was never hooked (refused, out of RAM...)
 	Supersedes     uint64
+	Duplicates     uint64 // hooks of a link already hooked
 	ProtectErrors  uint64
 	ForcedPartial  uint64 // partial writes completed early because maxPending was reached
 	ExpiredPartial uint64 // partial writes completed by ExpirePending
@@ -290,6 +292,16 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 	if r.Stopped() {
 		return Ignored
 	}
+	prev := s.findPlace(r, req.Level, req.VA)
+	if prev != 0 {
+		pn := s.nodes.at(prev)
+		if pn.pgen == req.PGen && s.pages.at(pn.page).pfn == req.GPA/PageSize && uint64(pn.off) == req.GPA%PageSize {
+			// The same link delivered twice (an executor released a
+			// delayed hook after the link was made again): already done.
+			s.st.Duplicates++
+			return Duplicate
+		}
+	}
 	vm := r.VM
 	if r.tables.Add(1) > r.Opts.MaxTables || vm.tables.Add(1) > vm.MaxTables {
 		r.tables.Add(-1)
@@ -326,7 +338,6 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 	p.refs++
 
 	res := Hooked
-	prev := s.findPlace(r, req.Level, req.VA)
 	if prev != 0 {
 		s.byPlace.remove(placeHash(r, req.Level, req.VA), prev)
 		s.nodes.at(prev).stale = true

@@ -1,0 +1,54 @@
+# vasengine: see README.md. Every target installs what it needs from the
+# project's own files; nothing is expected on the machine beyond Go and apt.
+GO       ?= go
+PKGS     := ./...
+# Packages with goroutines of their own or concurrent callers: run under -race.
+RACE_PKGS := ./shard/... ./engine/... ./guestmem/... ./backends/... ./trace/... ./cmd/...
+FUZZTIME ?= 20s
+BENCHTIME ?= 1s
+
+.PHONY: all build run test test-race fuzz bench bench-report profile lint clean
+
+all: build
+
+build:
+	$(GO) build -o bin/vasengine ./cmd/vasengine
+
+# The main job on the embedded default: simulated guests, all shards, 10 s.
+run: build
+	./bin/vasengine run
+
+# go vet, the whole suite (fuzz targets run their seed corpora), then the
+# concurrent packages again under the race detector.
+test:
+	$(GO) vet $(PKGS)
+	$(GO) test -count=1 $(PKGS)
+	$(GO) test -count=1 -short -race $(RACE_PKGS)
+
+# A bounded run of every fuzz target.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
+	    echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
+	    $(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
+
+bench:
+	$(GO) test -run XXX -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
+
+profile: build
+	mkdir -p build/profile
+	./bin/vasengine run -duration 5s -cpuprofile build/profile/cpu.pprof -memprofile build/profile/mem.pprof \
+	  -mutexprofile build/profile/mutex.pprof -blockprofile build/profile/block.pprof
+	$(GO) tool pprof -top -nodecount 25 bin/vasengine build/profile/cpu.pprof
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	@if $(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 -version >/dev/null 2>&1; then \
+	  $(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 $(PKGS); \
+	else echo "staticcheck unavailable from the module proxy: skipped"; fi
+
+clean:
+	rm -rf bin build
