@@ -46,7 +46,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/cespare/xxhash/v2"
 	"github.com/puzpuzpuz/xsync/v3"
 
 	"github.com/vasengine/vasengine/shard"
@@ -217,13 +216,12 @@ func (k sink) Panic(r *vasmon.Root, v any) {
 
 // ShardOf returns the index of the shard that owns page gpa of vm.
 func (e *Engine) ShardOf(vm vasmon.VMID, gpa uint64) int {
-	var b [16]byte
-	v, p := uint64(vm), gpa/vasmon.PageSize
-	for i := 0; i < 8; i++ {
-		b[i] = byte(v >> (8 * i))
-		b[8+i] = byte(p >> (8 * i))
-	}
-	h := xxhash.Sum64(b[:])
+	return e.shardOfHash(vasmon.PageHash(vm, gpa))
+}
+
+// shardOfHash maps a page hash to a shard by multiply-shift of its high 32
+// bits; the stores index pages by its low bits, so the two stay independent.
+func (e *Engine) shardOfHash(h uint64) int {
 	return int((h >> 32) * uint64(len(e.shards)) >> 32)
 }
 
@@ -452,37 +450,107 @@ func (e *Engine) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
 		return 0, vasmon.ErrUnknownVM
 	}
 	ve.submitted.Add(uint64(len(evs)))
+	if e.cfg.NonBlocking {
+		return e.submitEach(ve, vm, evs)
+	}
+	// Blocking: route a chunk at a time and queue each shard's events of the
+	// chunk as one run (one compare-and-swap), in their order.
+	var (
+		now   int64
+		owner [submitChunk]uint16
+		done  [submitChunk]bool
+		buf   [submitChunk]shard.Event
+	)
+	for base := 0; base < len(evs); base += submitChunk {
+		part := evs[base:min(base+submitChunk, len(evs))]
+		for i := range part {
+			done[i] = false
+			owner[i] = uint16(e.shardOfHash(vasmon.PageHash(vm, part[i].GPA)))
+		}
+		for i := range part {
+			if done[i] {
+				continue
+			}
+			n := 0
+			for j := i; j < len(part); j++ {
+				if done[j] || owner[j] != owner[i] {
+					continue
+				}
+				ev := &buf[n]
+				*ev = part[j]
+				e.stamp(ev, vm, ve, &now)
+				done[j] = true
+				n++
+			}
+			s := e.shards[owner[i]]
+			for sent, spin := 0, 0; sent < n; spin++ {
+				k := s.TryEnqueueBatch(buf[sent:n])
+				sent += k
+				if k > 0 {
+					continue
+				}
+				if e.closed.Load() {
+					// Events of this chunk already queued for other shards
+					// count as accepted; the rest are rejected.
+					queued := base
+					for j := range part {
+						if done[j] {
+							queued++
+						}
+					}
+					queued -= n - sent
+					rest := uint64(len(evs) - queued)
+					e.rejected.Add(rest)
+					ve.rejected.Add(rest)
+					e.accepted.Add(uint64(queued))
+					return queued, ErrClosed
+				}
+				backoff(spin)
+			}
+		}
+	}
+	e.accepted.Add(uint64(len(evs)))
+	return len(evs), nil
+}
+
+const submitChunk = 64
+
+func (e *Engine) stamp(ev *shard.Event, vm vasmon.VMID, ve *vmEntry, now *int64) {
+	ev.VM, ev.Slot = uint32(vm), ve.slot
+	ev.Hash = vasmon.PageHash(vm, ev.GPA)
+	if ev.Trap == 0 {
+		if *now == 0 {
+			*now = shard.Now()
+		}
+		ev.Trap = *now
+	}
+}
+
+func backoff(spin int) {
+	if spin < 16 {
+		runtime.Gosched()
+	} else {
+		time.Sleep(5 * time.Microsecond)
+	}
+}
+
+// submitEach queues events one by one and stops at the first that does not
+// fit (non-blocking mode), so the events queued are a prefix of evs.
+func (e *Engine) submitEach(ve *vmEntry, vm vasmon.VMID, evs []shard.Event) (int, error) {
 	var now int64
 	for i := range evs {
 		ev := evs[i]
-		ev.VM, ev.Slot = uint32(vm), ve.slot
-		if ev.Trap == 0 {
-			if now == 0 {
-				now = shard.Now()
-			}
-			ev.Trap = now
-		}
-		s := e.route(vm, ev.GPA)
-		for spin := 0; !s.TryEnqueue(&ev); spin++ {
-			var err error
-			switch {
-			case e.cfg.NonBlocking:
-				err = ErrOverload
-			case e.closed.Load():
+		e.stamp(&ev, vm, ve, &now)
+		if !e.shards[e.shardOfHash(ev.Hash)].TryEnqueue(&ev) {
+			err := ErrOverload
+			if e.closed.Load() {
 				err = ErrClosed
 			}
-			if err != nil {
-				rest := uint64(len(evs) - i)
-				e.rejected.Add(rest)
-				ve.rejected.Add(rest)
-				e.accepted.Add(uint64(i))
-				return i, err
-			}
-			if spin < 16 {
-				runtime.Gosched()
-			} else {
-				time.Sleep(5 * time.Microsecond)
-			}
+			rest := uint64(len(evs) - i)
+			e.rejected.Add(rest)
+			ve.rejected.Add(rest)
+			e.accepted.Add(uint64(i))
+			return i, err
 		}
 	}
 	e.accepted.Add(uint64(len(evs)))

@@ -150,3 +150,35 @@ func (r *Ring[T]) DequeueBatch(dst []T) int {
 		return int(n)
 	}
 }
+
+// TryEnqueueBatch appends a prefix of vs to the Ring as one contiguous run,
+// claimed with a single compare-and-swap, and returns its length: 0 if the
+// Ring is full, less than len(vs) if it has room for fewer.
+func (r *Ring[T]) TryEnqueueBatch(vs []T) int {
+	limit := uint64(min(len(vs), len(r.slot)))
+	for {
+		pos := r.tail.Load()
+		var n uint64
+		for n < limit && r.slot[(pos+n)&r.mask].seq.Load() == pos+n {
+			n++
+		}
+		if n == 0 {
+			if seq := r.slot[pos&r.mask].seq.Load(); int64(seq-pos) < 0 {
+				return 0 // the slot still holds the value of position pos-Cap
+			}
+			continue // another producer took pos
+		}
+		// Slots only become free in order of position for a given producer
+		// claim, and none of pos..pos+n-1 can be claimed by anyone else
+		// while tail is still pos.
+		if !r.tail.CompareAndSwap(pos, pos+n) {
+			continue
+		}
+		for i := range n {
+			s := &r.slot[(pos+i)&r.mask]
+			s.val = vs[i]
+			s.seq.Store(pos + i + 1)
+		}
+		return int(n)
+	}
+}

@@ -19,6 +19,7 @@ type Event struct {
 	Old  uint64 // whole entry before the write, if HasOld
 	RIP  uint64 // writer's instruction pointer, 0 if unknown
 	Trap int64  // when the trap was observed, in Now() nanoseconds
+	Hash uint64 // vasmon.PageHash(VM, GPA), set by the engine
 	VM   uint32
 	Slot uint32 // dense per-VM counter slot (set by the engine)
 	Size uint8
@@ -194,6 +195,16 @@ func (s *Shard) signal() {
 	}
 }
 
+// TryEnqueueBatch queues a prefix of evs in one run and returns its length
+// (0 if the queue is full).
+func (s *Shard) TryEnqueueBatch(evs []Event) int {
+	n := s.q.TryEnqueueBatch(evs)
+	if n > 0 && s.sleeping.Load() {
+		s.signal()
+	}
+	return n
+}
+
 // Send queues a control message. It never blocks on the receiver.
 func (s *Shard) Send(m Msg) {
 	s.C.MsgsRecv.Add(1)
@@ -346,7 +357,7 @@ func (s *Shard) drainInbox() {
 }
 
 func (s *Shard) process(e *Event) {
-	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap}
+	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap, Hash: e.Hash}
 	s.out.Reset()
 	k := s.store.Write(vasmon.VMID(e.VM), &w, &s.out)
 	s.loc.kinds[k]++

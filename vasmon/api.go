@@ -38,6 +38,8 @@ type Write struct {
 	// Trap is when the write was trapped (any monotonic clock). Only
 	// Store.ExpirePending uses it.
 	Trap int64
+	// Hash, if not 0, is PageHash(vm, GPA), computed by the caller.
+	Hash uint64
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool

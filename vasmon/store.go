@@ -192,8 +192,17 @@ func placeHash(r *Root, level uint8, va uint64) uint64 {
 	return hashKey(uint64(r.ID)<<8|uint64(level), va)
 }
 
+// PageHash returns the hash the store indexes guest page gpa of vm by. An
+// executor that already computed it (the engine routes pages by its high
+// bits) passes it in Write.Hash to spare the store computing it again.
+func PageHash(vm VMID, gpa uint64) uint64 { return pageHash(vm, gpa/PageSize) }
+
 func (s *Store) findPage(vm VMID, pfn uint64) uint32 {
-	return s.byPage.find(pageHash(vm, pfn), func(h uint32) bool {
+	return s.findPageHash(vm, pfn, pageHash(vm, pfn))
+}
+
+func (s *Store) findPageHash(vm VMID, pfn, hash uint64) uint32 {
+	return s.byPage.find(hash, func(h uint32) bool {
 		p := s.pages.at(h)
 		return p.pfn == pfn && p.vm == vm
 	})
@@ -527,7 +536,12 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 	first := true
 	for gpa < end {
 		pageEnd := (gpa | (PageSize - 1)) + 1
-		ph := s.findPage(vm, gpa/PageSize)
+		var ph uint32
+		if first && w.Hash != 0 {
+			ph = s.findPageHash(vm, gpa/PageSize, w.Hash)
+		} else {
+			ph = s.findPage(vm, gpa/PageSize)
+		}
 		if ph == 0 {
 			n := min(end, pageEnd) - gpa
 			data >>= 8 * n
