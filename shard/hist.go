@@ -249,3 +249,14 @@ func (l *LocalHist) PublishTo(h *Histogram) {
 	h.sum.Store(l.sum)
 	h.count.Store(l.count)
 }
+
+// Sub removes from s the values of an earlier snapshot of the same
+// Histogram, leaving the values recorded between the two. Max stays the
+// larger of the two maxima, an upper bound.
+func (s *HistSnapshot) Sub(earlier *HistSnapshot) {
+	for i := range s.counts {
+		s.counts[i] -= earlier.counts[i]
+	}
+	s.count -= earlier.count
+	s.sum -= earlier.sum
+}

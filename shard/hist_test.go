@@ -243,3 +243,24 @@ func BenchmarkHistRecord(b *testing.B) {
 		v = v*6364136223846793005 + 1442695040888963407
 	}
 }
+
+func TestHistSnapshotSub(t *testing.T) {
+	var h Histogram
+	for i := 0; i < 1000; i++ {
+		h.Record(1_000_000) // 1 ms
+	}
+	var before HistSnapshot
+	h.Snapshot(&before)
+	for i := 0; i < 100; i++ {
+		h.Record(1000) // 1 us
+	}
+	var after HistSnapshot
+	h.Snapshot(&after)
+	after.Sub(&before)
+	if after.Count() != 100 || after.Sum() != 100*1000 {
+		t.Fatalf("count %d sum %d", after.Count(), after.Sum())
+	}
+	if q := after.Quantile(0.99); q < 1000 || q > 1000+1000/16 {
+		t.Fatalf("p99 of the difference = %d, want ~1000", q)
+	}
+}

@@ -1,0 +1,307 @@
+// Package bench holds the benchmark suites of the engine and their
+// baselines, and (in cmd) the report generator behind `make bench-report`.
+//
+// A Workload is a steady-state event stream over simulated 4-level guests:
+// every leaf entry of LeafTables level-1 tables per VM is written twice, the
+// first time flipping a bit and the second time flipping it back, so the
+// stream can be replayed forever and stays consistent with the shadows. Half
+// the flips are of RW (relevant: a callback), half of A (irrelevant), in a
+// random order. Workloads are built once and are read-only afterwards, so
+// any number of producers may replay them concurrently.
+package bench
+
+import (
+	"context"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
+	"github.com/vasengine/vasengine/vasmon/vasmontest"
+)
+
+// Workload is a replayable event stream; see the package comment.
+type Workload struct {
+	Guests []*vasmontest.Guest
+	Roots  []uint64
+	Events [][]shard.Event // per VM (VM IDs are index+1)
+	Tables int             // tables per full tree walk, all VMs
+}
+
+// Monitored are the bits the workload's roots report.
+const Monitored = vasmon.BitRW | vasmon.BitUS | vasmon.BitNX
+
+// NewWorkload builds vms guests with leafTables level-1 tables each.
+func NewWorkload(vms, leafTables int, seed uint64) *Workload {
+	w := &Workload{}
+	rng := rand.New(rand.NewPCG(seed, 1))
+	m := vasmon.Mode4
+	for v := 0; v < vms; v++ {
+		g := vasmontest.NewGuest(m, 1<<34, 1<<20)
+		root := g.AllocTable()
+		type slot struct{ gpa, val uint64 }
+		var slots []slot
+		for t := 0; t < leafTables; t++ {
+			g.Map(root, uint64(t)<<21, 1, 0x40000000, vasmon.BitRW|vasmon.BitUS)
+			l3 := m.TableAddr(g.Entry(root, 0))
+			l2 := m.TableAddr(g.Entry(l3, t>>9))
+			l1 := m.TableAddr(g.Entry(l2, t&511))
+			for i := 0; i < 512; i++ {
+				val := uint64(0x40000000+uint64(t*512+i)<<12) | vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+				g.SetEntry(l1, i, val)
+				slots = append(slots, slot{l1 + uint64(8*i), val})
+			}
+		}
+		w.Tables += leafTables + 2 + leafTables/512
+		evs := make([]shard.Event, 0, 2*len(slots))
+		for pass := 0; pass < 2; pass++ {
+			for _, k := range rng.Perm(len(slots)) {
+				s := slots[k]
+				bit := vasmon.BitRW
+				if k%2 == 1 {
+					bit = vasmon.BitA
+				}
+				old, nw := s.val, s.val^bit
+				if pass == 1 {
+					old, nw = nw, old
+				}
+				evs = append(evs, shard.Event{GPA: s.gpa, Data: nw, Old: old, HasOld: true, Size: 8})
+			}
+		}
+		w.Guests = append(w.Guests, g)
+		w.Roots = append(w.Roots, root)
+		w.Events = append(w.Events, evs)
+	}
+	return w
+}
+
+// Nop is a callback that does nothing.
+func Nop(any, uint64, uint64, uint64, uint64) {}
+
+// Start registers the workload's VMs with e and starts their roots with cb.
+func (w *Workload) Start(e *engine.Engine, cb vasmon.Callback) error {
+	for i, g := range w.Guests {
+		if err := e.AddVM(vasmon.VMID(i+1), g.Mem, vasmontest.NewProtections(), 0); err != nil {
+			return err
+		}
+		if _, err := e.Start(context.Background(), vasmon.VMID(i+1), w.Roots[i], vasmon.Mode4, Monitored, cb, nil, engine.RootOptions{}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Submitter takes one batch of a VM's events.
+type Submitter func(vm vasmon.VMID, evs []shard.Event)
+
+// Drive submits n events (rounded down to a multiple of the VM count) from
+// one producer goroutine per VM, in batches of up to batch events, and
+// returns the number submitted once all producers are done.
+func (w *Workload) Drive(submit Submitter, n, batch int) int {
+	var wg sync.WaitGroup
+	per := n / len(w.Events)
+	for v := range w.Events {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			evs := w.Events[v]
+			left, at := per, 0
+			for left > 0 {
+				k := min(batch, left, len(evs)-at)
+				submit(vasmon.VMID(v+1), evs[at:at+k])
+				left -= k
+				at = (at + k) % len(evs)
+			}
+		}()
+	}
+	wg.Wait()
+	return per * len(w.Events)
+}
+
+// Paced submits events at rate events/s in total for d, open loop: each
+// batch is stamped with the time it was scheduled to be sent (not when it
+// was), so a stalled engine shows its full queueing delay. It returns the
+// number of events submitted.
+func (w *Workload) Paced(submit Submitter, rate float64, d time.Duration, batch int) int {
+	var wg sync.WaitGroup
+	var total atomic.Int64
+	perVM := rate / float64(len(w.Events))
+	start := time.Now()
+	base := shard.Now()
+	for v := range w.Events {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			evs := w.Events[v]
+			buf := make([]shard.Event, batch)
+			at, sent := 0, 0
+			interval := float64(batch) / perVM // seconds per batch
+			for k := 0; ; k++ {
+				due := time.Duration(float64(k) * interval * 1e9)
+				if due >= d {
+					break
+				}
+				for time.Since(start) < due {
+					if due-time.Since(start) > 200*time.Microsecond {
+						time.Sleep(100 * time.Microsecond)
+					} else {
+						runtime.Gosched()
+					}
+				}
+				for i := range buf {
+					buf[i] = evs[at]
+					buf[i].Trap = base + int64(due)
+					at = (at + 1) % len(evs)
+				}
+				submit(vasmon.VMID(v+1), buf)
+				sent += batch
+			}
+			total.Add(int64(sent))
+		}()
+	}
+	wg.Wait()
+	return int(total.Load())
+}
+
+// WaitProcessed spins until e's shards have processed n events in all; it
+// allocates nothing.
+func WaitProcessed(e *engine.Engine, n uint64) {
+	for {
+		var p uint64
+		for _, s := range e.Shards() {
+			p += s.C.Processed.Load()
+		}
+		if p >= n {
+			return
+		}
+		runtime.Gosched()
+	}
+}
+
+// Naive is the baseline a newcomer would write: a channel send per event to
+// one goroutine that applies it to a mutex-protected map of tables.
+type Naive struct {
+	mu     sync.Mutex
+	tables map[[2]uint64]*[512]uint64
+	ch     chan shard.Event
+	done   atomic.Uint64
+	cb     vasmon.Callback
+}
+
+// NewNaive builds the naive engine's tables for w and starts its goroutine.
+func NewNaive(w *Workload, cb vasmon.Callback) *Naive {
+	n := &Naive{tables: map[[2]uint64]*[512]uint64{}, ch: make(chan shard.Event, 1<<14), cb: cb}
+	for v, evs := range w.Events {
+		for _, ev := range evs {
+			k := [2]uint64{uint64(v + 1), ev.GPA >> 12}
+			if n.tables[k] == nil {
+				n.tables[k] = new([512]uint64)
+			}
+			n.tables[k][(ev.GPA&0xFFF)/8] = ev.Old
+		}
+	}
+	go n.run()
+	return n
+}
+
+func (n *Naive) run() {
+	for ev := range n.ch {
+		n.mu.Lock()
+		if t := n.tables[[2]uint64{uint64(ev.VM), ev.GPA >> 12}]; t != nil {
+			i := (ev.GPA & 0xFFF) / 8
+			old := t[i]
+			t[i] = ev.Data
+			if (old^ev.Data)&(vasmon.BitP|Monitored) != 0 {
+				n.cb(nil, ev.GPA, old, ev.Data, 4096)
+			}
+		}
+		n.mu.Unlock()
+		n.done.Add(1)
+	}
+}
+
+// Submit sends each event on the channel.
+func (n *Naive) Submit(vm vasmon.VMID, evs []shard.Event) {
+	for _, ev := range evs {
+		ev.VM = uint32(vm)
+		n.ch <- ev
+	}
+}
+
+// Wait spins until total events were applied.
+func (n *Naive) Wait(total uint64) {
+	for n.done.Load() < total {
+		runtime.Gosched()
+	}
+}
+
+// Close stops the naive engine's goroutine.
+func (n *Naive) Close() { close(n.ch) }
+
+// Locked is the HVMI-style baseline: the single-threaded vasmon.Monitor
+// under one global lock, called synchronously by every producer (as HVMI's
+// EPT violation handler runs on the trapping vCPU under the introspection
+// lock).
+type Locked struct {
+	mu  sync.Mutex
+	Mon *vasmon.Monitor
+}
+
+// NewLocked starts the workload's roots on a fresh monitor.
+func NewLocked(w *Workload, cb vasmon.Callback) (*Locked, error) {
+	l := &Locked{Mon: vasmon.NewMonitor()}
+	for i, g := range w.Guests {
+		if err := l.Mon.AddVM(vasmon.VMID(i+1), g.Mem, vasmontest.NewProtections(), 0); err != nil {
+			return nil, err
+		}
+		if _, err := l.Mon.Start(vasmon.VMID(i+1), w.Roots[i], vasmon.Mode4, Monitored, cb, nil, vasmon.Options{}); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// Submit applies each event under the lock.
+func (l *Locked) Submit(vm vasmon.VMID, evs []shard.Event) {
+	l.mu.Lock()
+	for i := range evs {
+		ev := &evs[i]
+		l.Mon.Write(vm, vasmon.Write{GPA: ev.GPA, Data: ev.Data, Old: ev.Old, HasOld: ev.HasOld, Size: ev.Size})
+	}
+	l.mu.Unlock()
+}
+
+// MemoryFloor is the physical floor of w: one random read-modify-write per
+// event into a working set as large as the shadows of w's tables, n events
+// in all on as many goroutines as there are CPUs. It returns events/s.
+func (w *Workload) MemoryFloor(n int) float64 {
+	ws := make([]uint64, w.Tables*512)
+	var idx []uint32
+	for _, evs := range w.Events {
+		for _, ev := range evs {
+			idx = append(idx, uint32((ev.GPA/8*2654435761)%uint64(len(ws))))
+		}
+	}
+	procs := runtime.GOMAXPROCS(0)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for p := 0; p < procs; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			at := p * len(idx) / procs
+			for k := 0; k < n/procs; k++ {
+				ws[idx[at]] ^= uint64(k)
+				if at++; at == len(idx) {
+					at = 0
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(n/procs*procs) / time.Since(start).Seconds()
+}
