@@ -94,6 +94,7 @@ type vmEntry struct {
 	submitted atomic.Uint64
 	rejected  atomic.Uint64
 	roots     atomic.Int64
+	removed   bool // guarded by Engine.slotMu
 }
 
 // Engine is a running set of shards. Create it with New, release it with Close.
@@ -105,7 +106,13 @@ type Engine struct {
 	nextID atomic.Uint32
 
 	slotMu sync.Mutex
-	slots  []bool
+	// owner[i] is the VM that last used counter slot i (nil: never used);
+	// freed[i] orders free slots by when they were freed (0: in use).
+	// A removed VM's counters stay readable until its slot is reused,
+	// which happens to the longest-free slot first.
+	owner []*vmEntry
+	freed []uint64
+	frees uint64
 
 	submitted, accepted, rejected atomic.Uint64
 	active                        atomic.Int64
@@ -113,6 +120,7 @@ type Engine struct {
 	closeOnce                     sync.Once
 	panicRoots                    *xsync.MapOf[uint32, *atomic.Uint64]
 	refusedGone                   atomic.Int64 // hook refusals of removed VMs
+	waiters                       *xsync.MapOf[uint32, chan struct{}]
 }
 
 // New starts an engine. Pinning failures do not fail New: they are returned
@@ -168,8 +176,8 @@ func New(cfg Config) (*Engine, error) {
 		cfg.MaxVMLabels = 32
 	}
 	e := &Engine{cfg: cfg, vms: xsync.NewMapOf[vasmon.VMID, *vmEntry](),
-		roots: xsync.NewMapOf[rootKey, *vasmon.Root](), slots: make([]bool, cfg.MaxVMs),
-		panicRoots: xsync.NewMapOf[uint32, *atomic.Uint64]()}
+		roots: xsync.NewMapOf[rootKey, *vasmon.Root](), owner: make([]*vmEntry, cfg.MaxVMs), freed: make([]uint64, cfg.MaxVMs),
+		panicRoots: xsync.NewMapOf[uint32, *atomic.Uint64](), waiters: xsync.NewMapOf[uint32, chan struct{}]()}
 	for i := 0; i < cfg.Shards; i++ {
 		cpu := cfg.CPUs[i%len(cfg.CPUs)]
 		if cfg.NoPin {
@@ -205,6 +213,15 @@ func (e *Engine) PinErrors() []error {
 type sink struct{ e *Engine }
 
 func (k sink) Route(vm vasmon.VMID, gpa uint64) *shard.Shard { return k.e.route(vm, gpa) }
+
+func (k sink) Settled(r *vasmon.Root) {
+	if ch, ok := k.e.waiters.Load(r.ID); ok {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
 
 func (k sink) Panic(r *vasmon.Root, v any) {
 	c, _ := k.e.panicRoots.LoadOrCompute(r.ID, func() *atomic.Uint64 { return new(atomic.Uint64) })
@@ -243,11 +260,14 @@ func (e *Engine) AddVM(id vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector,
 		e.slotMu.Unlock()
 		return vasmon.ErrVMExists
 	}
-	slot := -1
-	for i, used := range e.slots {
-		if !used {
+	slot := -1 // a never-used slot, else the longest-free one
+	for i, o := range e.owner {
+		if o == nil {
 			slot = i
 			break
+		}
+		if e.freed[i] != 0 && (slot < 0 || e.freed[i] < e.freed[slot]) {
+			slot = i
 		}
 	}
 	if slot < 0 {
@@ -260,7 +280,7 @@ func (e *Engine) AddVM(id vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector,
 		e.slotMu.Unlock()
 		return vasmon.ErrVMExists
 	}
-	e.slots[slot] = true
+	e.owner[slot], e.freed[slot] = ve, 0
 	e.slotMu.Unlock()
 	for _, s := range e.shards {
 		s.ResetSlot(uint32(slot))
@@ -290,7 +310,9 @@ func (e *Engine) RemoveVM(ctx context.Context, id vasmon.VMID) error {
 	e.vms.Delete(id)
 	e.refusedGone.Add(ve.vm.Refused())
 	e.slotMu.Lock()
-	e.slots[ve.slot] = false
+	e.frees++
+	e.freed[ve.slot] = e.frees
+	ve.removed = true
 	e.slotMu.Unlock()
 	return nil
 }
@@ -348,9 +370,27 @@ func (e *Engine) send(req vasmon.Request) {
 	e.route(req.Root.VM.ID, req.GPA).Send(shard.Msg{Req: req, Trap: shard.Now()})
 }
 
-// waitRoot waits until r has no structural request in flight.
+// waitRoot waits until r has no structural request in flight. The shard
+// that settles the root wakes it; a slow timer covers nothing else.
 func (e *Engine) waitRoot(ctx context.Context, r *vasmon.Root) error {
-	return poll(ctx, func() bool { return r.InFlight.Load() == 0 })
+	if r.InFlight.Load() == 0 {
+		return nil
+	}
+	ch := make(chan struct{}, 1)
+	e.waiters.Store(r.ID, ch)
+	defer e.waiters.Delete(r.ID)
+	t := time.NewTimer(time.Millisecond)
+	defer t.Stop()
+	for r.InFlight.Load() != 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		case <-t.C:
+			t.Reset(time.Millisecond)
+		}
+	}
+	return nil
 }
 
 func poll(ctx context.Context, done func() bool) error {

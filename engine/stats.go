@@ -25,6 +25,7 @@ type Stats struct {
 // VMStats are one VM's counters.
 type VMStats struct {
 	ID                  vasmon.VMID
+	Removed             bool // RemoveVM was called; counters kept until the slot is reused
 	Submitted, Rejected uint64
 	Kinds               [5]uint64
 	Callbacks           uint64
@@ -68,9 +69,21 @@ func (e *Engine) Stats() Stats {
 		st.Latency.Merge(&h)
 	}
 	e.roots.Range(func(rootKey, *vasmon.Root) bool { st.Roots++; return true })
-	e.vms.Range(func(id vasmon.VMID, ve *vmEntry) bool {
-		st.VMs++
-		v := VMStats{ID: id, Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
+	e.slotMu.Lock()
+	owners := make([]*vmEntry, 0, len(e.owner))
+	removed := make([]bool, 0, len(e.owner))
+	for _, ve := range e.owner {
+		if ve != nil {
+			owners = append(owners, ve)
+			removed = append(removed, ve.removed)
+		}
+	}
+	e.slotMu.Unlock()
+	for i, ve := range owners {
+		if !removed[i] {
+			st.VMs++
+		}
+		v := VMStats{ID: ve.vm.ID, Removed: removed[i], Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
 			Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load()}
 		for _, s := range e.shards {
 			c := &s.VMs[ve.slot]
@@ -79,10 +92,11 @@ func (e *Engine) Stats() Stats {
 			}
 			v.Callbacks += c.Callbacks.Load()
 		}
-		st.Refused += v.Refused
+		if !removed[i] {
+			st.Refused += v.Refused
+		}
 		st.PerVM = append(st.PerVM, v)
-		return true
-	})
+	}
 	sort.Slice(st.PerVM, func(i, j int) bool { return st.PerVM[i].ID < st.PerVM[j].ID })
 	return st
 }

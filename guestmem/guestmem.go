@@ -2,36 +2,42 @@
 // guests.
 //
 // A Memory of any size costs host memory only for the 4 KiB pages that have
-// been written (a page never written reads as zeros). It is safe for
-// concurrent use: page contents are 8-byte words accessed atomically, so
+// been written (a page never written reads as zeros), plus one pointer per
+// 4 MiB of address space for its page directory. It is safe for concurrent
+// use and lock-free: pages are found through a two-level radix of atomic
+// pointers, and page contents are 8-byte words accessed atomically, so
 // concurrent writers of different bytes never lose each other's stores and
-// readers never see a torn aligned word; creating a page takes a short lock.
-// Reads and writes allocate only when they create a page.
+// readers never see a torn aligned word. Reads and writes allocate only when
+// they create a page.
 package guestmem
 
 import (
 	"encoding/binary"
 	"fmt"
-	"sync"
 	"sync/atomic"
 )
 
-const pageSize = 4096
+const (
+	pageSize = 4096
+	dirBits  = 10 // pages per directory chunk: 4 MiB of address space
+)
 
 type page [pageSize / 8]atomic.Uint64
 
+type chunk [1 << dirBits]atomic.Pointer[page]
+
 // Memory is a sparse guest-physical address space [0, Size).
 type Memory struct {
-	size  uint64
-	mu    sync.RWMutex
-	pages map[uint64]*page
-	n     atomic.Int64
+	size uint64
+	dir  []atomic.Pointer[chunk]
+	n    atomic.Int64
 }
 
 // New returns an empty memory of size bytes (rounded up to a page).
 func New(size uint64) *Memory {
 	size = (size + pageSize - 1) &^ (pageSize - 1)
-	return &Memory{size: size, pages: make(map[uint64]*page)}
+	chunks := (size/pageSize + 1<<dirBits - 1) >> dirBits
+	return &Memory{size: size, dir: make([]atomic.Pointer[chunk], chunks)}
 }
 
 // Size returns the size of guest RAM in bytes.
@@ -45,20 +51,25 @@ func (m *Memory) InRAM(gpa, n uint64) bool {
 	return gpa < m.size && n <= m.size-gpa
 }
 
+// get returns the page pfn (in RAM), creating it if create is set.
 func (m *Memory) get(pfn uint64, create bool) *page {
-	m.mu.RLock()
-	p := m.pages[pfn]
-	m.mu.RUnlock()
-	if p != nil || !create {
-		return p
+	d := &m.dir[pfn>>dirBits]
+	c := d.Load()
+	if c == nil {
+		if !create {
+			return nil
+		}
+		d.CompareAndSwap(nil, new(chunk))
+		c = d.Load()
 	}
-	m.mu.Lock()
-	if p = m.pages[pfn]; p == nil {
-		p = new(page)
-		m.pages[pfn] = p
-		m.n.Add(1)
+	slot := &c[pfn&(1<<dirBits-1)]
+	p := slot.Load()
+	if p == nil && create {
+		if slot.CompareAndSwap(nil, new(page)) {
+			m.n.Add(1)
+		}
+		p = slot.Load()
 	}
-	m.mu.Unlock()
 	return p
 }
 
@@ -74,16 +85,28 @@ func (m *Memory) Read(gpa uint64, dst []byte) error {
 	if err := m.check(gpa, len(dst)); err != nil {
 		return err
 	}
+	var p *page
+	pfn := ^uint64(0)
 	for len(dst) > 0 {
+		if gpa/pageSize != pfn {
+			pfn = gpa / pageSize
+			p = m.get(pfn, false)
+		}
 		w := gpa &^ 7
-		p := m.get(gpa/pageSize, false)
 		var v uint64
 		if p != nil {
 			v = p[(w%pageSize)/8].Load()
 		}
+		off := gpa - w
+		if off == 0 && len(dst) >= 8 {
+			binary.LittleEndian.PutUint64(dst, v)
+			dst = dst[8:]
+			gpa += 8
+			continue
+		}
 		var b [8]byte
 		binary.LittleEndian.PutUint64(b[:], v)
-		c := copy(dst, b[gpa-w:])
+		c := copy(dst, b[off:])
 		dst = dst[c:]
 		gpa += uint64(c)
 	}
@@ -99,23 +122,33 @@ func (m *Memory) Write(gpa uint64, src []byte) error {
 		w := gpa &^ 7
 		off := gpa - w
 		n := min(uint64(len(src)), 8-off)
-		p := m.get(gpa/pageSize, true)
-		word := &p[(w%pageSize)/8]
-		var mask, val uint64
+		var v uint64
 		for i := uint64(0); i < n; i++ {
-			mask |= 0xFF << (8 * (off + i))
-			val |= uint64(src[i]) << (8 * (off + i))
+			v |= uint64(src[i]) << (8 * i)
 		}
-		for {
-			old := word.Load()
-			if word.CompareAndSwap(old, old&^mask|val) {
-				break
-			}
-		}
+		m.store(gpa, int(n), v)
 		src = src[n:]
 		gpa += n
 	}
 	return nil
+}
+
+// store writes the low size bytes of v at gpa, within one aligned word, and
+// returns their previous value.
+func (m *Memory) store(gpa uint64, size int, v uint64) uint64 {
+	word := &m.get(gpa/pageSize, true)[(gpa%pageSize)/8]
+	sh := 8 * (gpa & 7)
+	mask := ^uint64(0)
+	if size < 8 {
+		mask = uint64(1)<<(8*uint(size)) - 1
+	}
+	for {
+		w := word.Load()
+		nw := w&^(mask<<sh) | (v&mask)<<sh
+		if word.CompareAndSwap(w, nw) {
+			return (w >> sh) & mask
+		}
+	}
 }
 
 // ReadUint reads a little-endian value of size bytes (1..8) at gpa.
@@ -135,20 +168,7 @@ func (m *Memory) WriteUint(gpa uint64, size int, v uint64) (old uint64, err erro
 		return 0, err
 	}
 	if gpa&7+uint64(size) <= 8 {
-		p := m.get(gpa/pageSize, true)
-		word := &p[(gpa%pageSize)/8]
-		sh := 8 * (gpa & 7)
-		mask := uint64(1)<<(8*uint(size)) - 1
-		if size == 8 {
-			mask = ^uint64(0)
-		}
-		for {
-			w := word.Load()
-			nw := w&^(mask<<sh) | (v&mask)<<sh
-			if word.CompareAndSwap(w, nw) {
-				return (w >> sh) & mask, nil
-			}
-		}
+		return m.store(gpa, size, v), nil
 	}
 	old, _ = m.ReadUint(gpa, size)
 	var b [8]byte

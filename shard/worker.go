@@ -50,6 +50,8 @@ type Sink interface {
 	Route(vm vasmon.VMID, gpa uint64) *Shard
 	// Panic is told of a recovered callback panic.
 	Panic(r *vasmon.Root, v any)
+	// Settled is told when r has no structural request in flight any more.
+	Settled(r *vasmon.Root)
 }
 
 // Config configures one shard.
@@ -282,10 +284,6 @@ func (s *Shard) run(ready chan struct{}) {
 			s.publish()
 			continue
 		}
-		if len(s.deferred) > 0 {
-			runtime.Gosched()
-			continue
-		}
 		if s.C.Partial.Load() > 0 {
 			s.publish()
 		}
@@ -304,9 +302,12 @@ func (s *Shard) run(ready chan struct{}) {
 			continue
 		}
 		s.sleeping.Store(true)
-		if s.Idle() && !s.quit.Load() {
+		if s.q.Len() == 0 && s.pending.Load() == 0 && !s.quit.Load() {
 			d := 10 * time.Millisecond
-			if s.C.Partial.Load() > 0 {
+			switch {
+			case len(s.deferred) > 0:
+				d = 20 * time.Microsecond // held hooks wait for other shards' unhooks
+			case s.C.Partial.Load() > 0:
 				d = s.cfg.PendingTimeout
 			}
 			timer.Reset(d)
@@ -357,7 +358,9 @@ func (s *Shard) drainInbox() {
 			if m.Req.Op == vasmon.OpUnhook {
 				m.Req.Root.Unhooks.Add(-1)
 			}
-			m.Req.Root.InFlight.Add(-1)
+			if m.Req.Root.InFlight.Add(-1) == 0 {
+				s.sink.Settled(m.Req.Root)
+			}
 		}
 		s.publishCounters()
 		s.pending.Add(-1)
@@ -545,7 +548,9 @@ func (s *Shard) release() {
 		// Only now, so that neither the root nor Engine.Sync sees the
 		// work as done before what it caused is counted.
 		s.publishCounters()
-		r.InFlight.Add(-1)
+		if r.InFlight.Add(-1) == 0 {
+			s.sink.Settled(r)
+		}
 		s.C.Held.Add(-1)
 	}
 	clear(held)
