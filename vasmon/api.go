@@ -102,6 +102,7 @@ type VM struct {
 
 	tables  atomic.Int64
 	refused atomic.Int64
+	queued  int64 // Monitor only: hooks minus unhooks queued in its loop
 }
 
 // NewVM returns a VM record; maxTables 0 means DefaultVMTables.
@@ -144,6 +145,7 @@ type Root struct {
 	gen     atomic.Uint32
 	stopped atomic.Bool
 	stats   rootCounters
+	queued  int64 // Monitor only: hooks minus unhooks queued in its loop
 }
 
 type rootCounters struct {

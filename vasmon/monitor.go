@@ -8,7 +8,8 @@ import (
 // Monitor is the single-threaded VAS monitor: one Store, and a loop that
 // executes the structural requests of each step at once, in FIFO order. It
 // is not safe for concurrent use, and callbacks must not call back into it
-// (they run after the step that produced them; a re-entrant call returns
+// (they run after the requests of the write, Start or Stop that produced
+// them, or after every maxCalls of them; a re-entrant call returns
 // ErrReentrant).
 type Monitor struct {
 	store  *Store
@@ -37,6 +38,9 @@ func (m *Monitor) Store() *Store { return m.store }
 
 // AddVM registers a guest. maxTables is the VM's table budget (0: default).
 func (m *Monitor) AddVM(id VMID, mem Memory, prot Protector, maxTables int64) error {
+	if m.busy {
+		return ErrReentrant
+	}
 	if _, ok := m.vms[id]; ok {
 		return ErrVMExists
 	}
@@ -53,6 +57,9 @@ func (m *Monitor) VM(id VMID) *VM { return m.vms[id] }
 // RemoveVM stops every root of the VM (reporting their mappings as removed)
 // and forgets it.
 func (m *Monitor) RemoveVM(id VMID) error {
+	if m.busy {
+		return ErrReentrant
+	}
 	if _, ok := m.vms[id]; !ok {
 		return ErrUnknownVM
 	}
@@ -133,6 +140,9 @@ func (m *Monitor) Stop(r *Root) error {
 
 // StopCR3 stops the root (vm, cr3).
 func (m *Monitor) StopCR3(vm VMID, cr3 uint64) error {
+	if m.busy {
+		return ErrReentrant
+	}
 	r := m.roots[rootKey{vm, cr3}]
 	if r == nil {
 		return ErrUnknownRoot
@@ -158,20 +168,105 @@ func (m *Monitor) Write(vm VMID, w Write) (WriteKind, error) {
 	return k, nil
 }
 
-// run executes every pending request, FIFO, then invokes the callbacks.
+// maxCalls is how many callbacks run buffers before invoking them.
+const maxCalls = 4096
+
+// run executes every pending request, FIFO, then invokes the callbacks
+// (every maxCalls of them, as they accumulate, and the rest at the end).
 // FIFO order makes an unlink's unhooks run before the hooks of a link made
 // by the same write, level by level.
+//
+// The queue is kept in proportion to the table budgets, not to what the
+// guest claims (an alias bomb makes every hooked table link 512 more):
+// admit drops, as they are appended, the hooks the budget would refuse and
+// the unhooks of tables that are not hooked; and callbacks are invoked, in
+// order, whenever maxCalls are buffered (a budget's worth of level-1 tables
+// unlinked at once reports up to 512 times the budget).
 func (m *Monitor) run() {
+	m.admit(0)
 	for i := 0; i < len(m.out.Reqs); i++ {
 		req := m.out.Reqs[i]
+		r := req.Root
+		if req.Op == OpHook {
+			r.queued--
+			r.VM.queued--
+			if !m.store.Linked(&req) {
+				// Its parent was unhooked after linking it (one write
+				// completed both the parent's unlink and this link).
+				continue
+			}
+		} else {
+			r.queued++
+			r.VM.queued++
+		}
+		n := len(m.out.Reqs)
 		m.store.Exec(&req, &m.out)
+		m.admit(n)
+		if len(m.out.Calls) >= maxCalls {
+			m.callbacks()
+		}
 	}
+	m.callbacks()
+}
+
+// admit filters the requests appended from index from. A hook is refused
+// (and counted, as Store.Hook would) when the tables hooked plus the hooks
+// queued minus the unhooks queued reach the root's or the VM's budget: the
+// refusal Store.Hook would make when the hook ran, unless a request ahead
+// of it fails or is dropped (then the hook is refused a little early, at
+// the edge of the budget only). An unhook of a table that is not hooked
+// would miss; it is dropped (and counted) now. A table hooked later in the
+// same run is never unhooked in it: unhooks of a place always come before
+// the hooks of that place, and a hook whose parent went is dropped.
+func (m *Monitor) admit(from int) {
+	reqs := m.out.Reqs
+	k := from
+	// Refusals come in runs (a table's links past the budget): count a
+	// run at once.
+	var refused int64
+	var last Request
+	for i := from; i < len(reqs); i++ {
+		req := &reqs[i]
+		r := req.Root
+		vm := r.VM
+		if refused > 0 && r != last.Root {
+			last.Root.refuseN(refused, &last)
+			refused = 0
+		}
+		if req.Op == OpHook {
+			if r.tables.Load()+r.queued >= r.Opts.MaxTables || vm.tables.Load()+vm.queued >= vm.MaxTables {
+				refused++
+				last = *req
+				continue
+			}
+			r.queued++
+			vm.queued++
+		} else {
+			if m.store.unhookTarget(req) == 0 {
+				m.store.st.UnhookMisses++
+				continue
+			}
+			r.queued--
+			vm.queued--
+		}
+		reqs[k] = *req
+		k++
+	}
+	if refused > 0 {
+		last.Root.refuseN(refused, &last)
+	}
+	m.out.Reqs = reqs[:k]
+}
+
+// callbacks invokes the buffered callbacks, in order, and empties the buffer.
+func (m *Monitor) callbacks() {
 	m.busy = true
 	defer func() { m.busy = false }()
 	for i := range m.out.Calls {
 		c := &m.out.Calls[i]
 		c.Root.Callback(c.Root.Ctx, c.VA, c.Old, c.New, c.Size)
 	}
+	m.out.Calls = m.out.Calls[:0]
 }
 
 // TableInfo describes one hooked table, as Dump returns it.

@@ -76,7 +76,7 @@ func newScenario(t testing.TB, mode vasmon.Mode, seed uint64, nroots int, opts v
 }
 
 func (s *scenario) randomTable() uint64 { return s.tables[s.rng.IntN(len(s.tables))] }
-func (s *scenario) randomIndex() int   { return s.idx[s.rng.IntN(len(s.idx))] }
+func (s *scenario) randomIndex() int    { return s.idx[s.rng.IntN(len(s.idx))] }
 
 // randomValue returns an interesting entry value; cur is the current one.
 func (s *scenario) randomValue(cur uint64) uint64 {

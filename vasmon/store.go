@@ -100,6 +100,7 @@ type page struct {
 	mon    uint64 // union of relevant bits of the nodes' roots
 	npend  uint16 // in-progress partial writes on this page
 	esz    uint8  // entry size of the tables on the page
+	nstale uint32 // stale nodes on the page
 }
 
 // node is one occurrence of a table in a root's tree.
@@ -109,6 +110,7 @@ type node struct {
 	anc   [4]uint32
 	page  uint32
 	next  uint32 // next node on the same page
+	prev  uint32 // previous node on the same page (O(1) unlink of one of many aliases)
 	gen   uint32
 	pgen  uint32
 	off   uint16 // byte offset of the table in its page (PAE root)
@@ -147,6 +149,7 @@ type Store struct {
 	nodes   arena[node]
 	byPage  hindex // (vm, pfn) -> page
 	byPlace hindex // (root, level, va) -> current node
+	nstale  int    // stale nodes
 	pend    []pend
 	st      StoreStats
 }
@@ -312,14 +315,15 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 		}
 	}
 	vm := r.VM
-	if r.tables.Add(1) > r.Opts.MaxTables || vm.tables.Add(1) > vm.MaxTables {
+	if r.tables.Add(1) > r.Opts.MaxTables {
+		r.tables.Add(-1)
+		r.refuse(req)
+		return Refused
+	}
+	if vm.tables.Add(1) > vm.MaxTables {
 		r.tables.Add(-1)
 		vm.tables.Add(-1)
-		r.stats.refused.Add(1)
-		vm.refused.Add(1)
-		r.stats.lastRefusedGPA.Store(req.GPA)
-		r.stats.lastRefusedVA.Store(req.VA)
-		r.stats.lastRefusedLevel.Store(int32(req.Level))
+		r.refuse(req)
 		return Refused
 	}
 	m := r.Mode
@@ -349,7 +353,10 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 	res := Hooked
 	if prev != 0 {
 		s.byPlace.remove(placeHash(r, req.Level, req.VA), prev)
-		s.nodes.at(prev).stale = true
+		pn := s.nodes.at(prev)
+		pn.stale = true
+		s.pages.at(pn.page).nstale++
+		s.nstale++
 		s.st.Supersedes++
 		res = Superseded
 	}
@@ -357,6 +364,9 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 	n := s.nodes.at(nh)
 	*n = node{root: r, va: req.VA, anc: req.Anc, page: ph, next: p.head, gen: r.gen.Add(1),
 		pgen: req.PGen, off: uint16(req.GPA % PageSize), level: req.Level}
+	if p.head != 0 {
+		s.nodes.at(p.head).prev = nh
+	}
 	p.head = nh
 	s.byPlace.insert(placeHash(r, req.Level, req.VA), nh)
 	s.st.Hooks++
@@ -424,11 +434,34 @@ func (s *Store) leafChange(n *node, i int, old, new uint64, ok, nk Kind, size ui
 	return true
 }
 
+// refuse counts a hook of req refused by the root's or the VM's budget.
+func (r *Root) refuse(req *Request) { r.refuseN(1, req) }
+
+// refuseN counts n refused hooks of r, the last of which is req.
+func (r *Root) refuseN(n int64, req *Request) {
+	r.stats.refused.Add(n)
+	r.VM.refused.Add(n)
+	r.stats.lastRefusedGPA.Store(req.GPA)
+	r.stats.lastRefusedVA.Store(req.VA)
+	r.stats.lastRefusedLevel.Store(int32(req.Level))
+}
+
 // Unhook is the unhook step: it removes the table of req (the one linked by
 // the parent of generation req.PGen), reports its present leaves as removed
 // (unless it is stale) and appends an unhook request for every table it
 // links. The page is unprotected when its last table goes.
 func (s *Store) Unhook(req *Request, out *Output) {
+	nh := s.unhookTarget(req)
+	if nh == 0 {
+		s.st.UnhookMisses++
+		return
+	}
+	s.unhookNode(nh, out)
+}
+
+// unhookTarget returns the node that unhook request req removes, or 0 if
+// that table is not hooked here.
+func (s *Store) unhookTarget(req *Request) uint32 {
 	r := req.Root
 	pfn := req.GPA / PageSize
 	nh := s.findPlace(r, req.Level, req.VA)
@@ -438,9 +471,11 @@ func (s *Store) Unhook(req *Request, out *Output) {
 			nh = 0
 		}
 	}
-	if nh == 0 {
+	if nh == 0 && s.nstale > 0 {
 		// A stale table superseded by a newer link at the same place.
-		if ph := s.findPage(r.VM.ID, pfn); ph != 0 {
+		// (Only pages holding stale nodes are searched: a page can hold
+		// a budget's worth of aliases.)
+		if ph := s.findPage(r.VM.ID, pfn); ph != 0 && s.pages.at(ph).nstale > 0 {
 			for h := s.pages.at(ph).head; h != 0; h = s.nodes.at(h).next {
 				n := s.nodes.at(h)
 				if n.stale && n.root == r && n.level == req.Level && n.va == req.VA && n.pgen == req.PGen {
@@ -450,11 +485,7 @@ func (s *Store) Unhook(req *Request, out *Output) {
 			}
 		}
 	}
-	if nh == 0 {
-		s.st.UnhookMisses++
-		return
-	}
-	s.unhookNode(nh, out)
+	return nh
 }
 
 func (s *Store) unhookNode(nh uint32, out *Output) {
@@ -481,18 +512,18 @@ func (s *Store) unhookNode(nh uint32, out *Output) {
 	}
 	ph := n.page
 	p := s.pages.at(ph)
+	if n.stale {
+		p.nstale--
+		s.nstale--
+	}
 	// Unlink from the page's chain.
-	if p.head == nh {
+	if n.prev == 0 {
 		p.head = n.next
 	} else {
-		for h := p.head; h != 0; {
-			hn := s.nodes.at(h)
-			if hn.next == nh {
-				hn.next = n.next
-				break
-			}
-			h = hn.next
-		}
+		s.nodes.at(n.prev).next = n.next
+	}
+	if n.next != 0 {
+		s.nodes.at(n.next).prev = n.prev
 	}
 	r.tables.Add(-1)
 	r.VM.tables.Add(-1)

@@ -2,6 +2,7 @@ package vasmontest
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/vasengine/vasengine/guestmem"
@@ -59,6 +60,18 @@ func (p *Protections) Protected(gpa uint64) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.pages[gpa&^(vasmon.PageSize-1)]
+}
+
+// Pages returns the protected pages, sorted.
+func (p *Protections) Pages() []uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]uint64, 0, len(p.pages))
+	for g := range p.pages {
+		out = append(out, g)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Count returns the number of protected pages.

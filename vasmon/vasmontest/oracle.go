@@ -50,15 +50,73 @@ func ParamsOf(r *vasmon.Root) WalkParams {
 // under IgnoreNullPage.
 func Walk(mem vasmon.Memory, p WalkParams) (Map, error) {
 	out := make(Map)
-	mode := p.Mode
 	mon := p.Monitored | vasmon.BitP
+	err := walk(mem, p, func(va, size, e uint64) { out[Key{va, size}] = e & mon }, nil)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Table is one table reached by a walk: its level, its address (the 32-byte
+// aligned PDPT address for a PAE root) and the first VA it maps.
+type Table struct {
+	Level   int
+	GPA, VA uint64
+}
+
+// WalkTables returns every table a full walk of the root reaches, the root
+// included, in walk order (depth first, by entry index). A page reached
+// several times (aliases) appears once per occurrence. These are exactly the
+// tables a monitor must hook.
+func WalkTables(mem vasmon.Memory, p WalkParams) ([]Table, error) {
+	var out []Table
+	err := walk(mem, p, nil, func(t Table) { out = append(out, t) })
+	return out, err
+}
+
+// WalkBoth returns what Walk and WalkTables return, in one walk.
+func WalkBoth(mem vasmon.Memory, p WalkParams) (Map, []Table, error) {
+	out := make(Map)
+	var ts []Table
+	mon := p.Monitored | vasmon.BitP
+	err := walk(mem, p, func(va, size, e uint64) { out[Key{va, size}] = e & mon }, func(t Table) { ts = append(ts, t) })
+	if err != nil {
+		return nil, nil, err
+	}
+	return out, ts, nil
+}
+
+// TablePages returns the set of pages (page-aligned GPAs) holding the tables
+// a full walk reaches: the pages a monitor must write-protect.
+func TablePages(mem vasmon.Memory, ps ...WalkParams) (map[uint64]bool, error) {
+	pages := make(map[uint64]bool)
+	for _, p := range ps {
+		ts, err := WalkTables(mem, p)
+		if err != nil {
+			return nil, err
+		}
+		for _, t := range ts {
+			pages[t.GPA&^(vasmon.PageSize-1)] = true
+		}
+	}
+	return pages, nil
+}
+
+// walk is the reference walker: it calls leaf for every present leaf in
+// scope and table for every table it enters (either may be nil).
+func walk(mem vasmon.Memory, p WalkParams, leaf func(va, size, e uint64), table func(Table)) error {
+	mode := p.Mode
 	root := mode.RootGPA(p.CR3)
 	top := mode.Levels()
 	if !mem.InRAM(root, uint64(mode.TableBytes(top))) {
-		return nil, fmt.Errorf("vasmontest: root %#x outside RAM", root)
+		return fmt.Errorf("vasmontest: root %#x outside RAM", root)
 	}
-	var walk func(gpa uint64, level int, base uint64, path []uint64) error
-	walk = func(gpa uint64, level int, base uint64, path []uint64) error {
+	var rec func(gpa uint64, level int, base uint64, path []uint64) error
+	rec = func(gpa uint64, level int, base uint64, path []uint64) error {
+		if table != nil {
+			table(Table{Level: level, GPA: gpa, VA: base})
+		}
 		n := mode.Entries(level)
 		if level == top && !p.Opts.FullSpace {
 			n = mode.UserEntries()
@@ -81,7 +139,9 @@ func Walk(mem vasmon.Memory, p WalkParams) (Map, error) {
 				if va == 0 && p.Opts.IgnoreNullPage {
 					continue
 				}
-				out[Key{va, mode.EntrySpan(level)}] = e & mon
+				if leaf != nil {
+					leaf(va, mode.EntrySpan(level), e)
+				}
 			case vasmon.KindTable:
 				child := mode.TableAddr(e)
 				if !mem.InRAM(child, uint64(mode.TableBytes(level-1))) || child/vasmon.PageSize >= 1<<32-1 {
@@ -97,17 +157,14 @@ func Walk(mem vasmon.Memory, p WalkParams) (Map, error) {
 					continue
 				}
 				np := append([]uint64{gpa / vasmon.PageSize}, path...)
-				if err := walk(child, level-1, va, np); err != nil {
+				if err := rec(child, level-1, va, np); err != nil {
 					return err
 				}
 			}
 		}
 		return nil
 	}
-	if err := walk(root, top, 0, nil); err != nil {
-		return nil, err
-	}
-	return out, nil
+	return rec(root, top, 0, nil)
 }
 
 // WalkRoot walks a monitored root.
