@@ -7,7 +7,7 @@ RACE_PKGS := ./shard/... ./engine/... ./guestmem/... ./backends/... ./trace/... 
 FUZZTIME ?= 20s
 BENCHTIME ?= 1s
 
-.PHONY: all build run test test-race fuzz bench bench-report profile lint clean
+.PHONY: all build run test test-race fuzz bench bench-report profile lint clean qemu
 
 all: build
 
@@ -36,6 +36,17 @@ fuzz:
 
 bench:
 	$(GO) test -run XXX -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
+
+# The benchmark report: bench/results/{REPORT.md,bench.txt,*.svg} and the
+# README's performance section.
+bench-report:
+	$(GO) run ./bench/report -benchtime $(BENCHTIME)
+
+# The QEMU backend's kernel, initramfs and TCG plugin, in build/qemu (the
+# QEMU tests run this themselves when the artifacts are missing).
+qemu:
+	bash scripts/qemu-setup.sh
+	$(MAKE) -C backends/qemu/plugin
 
 profile: build
 	mkdir -p build/profile

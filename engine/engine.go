@@ -350,6 +350,13 @@ func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vas
 		return nil, vasmon.ErrRootExists
 	}
 	ve.roots.Add(1)
+	// Let the VM's events submitted so far reach the shadows first: a page
+	// the new tree shares with the VM's other roots is not read again, and
+	// its shadow must not lag what the caller's walk of memory shows.
+	if err := e.waitVM(ctx, ve); err != nil {
+		_ = e.stop(context.Background(), key, r)
+		return nil, err
+	}
 	e.send(vasmon.Request{Root: r, GPA: gpa, Level: uint8(mode.Levels()), Op: vasmon.OpHook})
 	if err := e.waitRoot(ctx, r); err != nil {
 		_ = e.stop(context.Background(), key, r)
@@ -368,6 +375,22 @@ func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vas
 func (e *Engine) send(req vasmon.Request) {
 	req.Root.InFlight.Add(1)
 	e.route(req.Root.VM.ID, req.GPA).Send(shard.Msg{Req: req, Trap: shard.Now()})
+}
+
+// waitVM waits until the events of ve accepted before the call have been
+// processed.
+func (e *Engine) waitVM(ctx context.Context, ve *vmEntry) error {
+	target := ve.submitted.Load() - ve.rejected.Load()
+	return poll(ctx, func() bool {
+		var n uint64
+		for _, s := range e.shards {
+			c := &s.VMs[ve.slot]
+			for k := range c.Kinds {
+				n += c.Kinds[k].Load()
+			}
+		}
+		return n >= target
+	})
 }
 
 // waitRoot waits until r has no structural request in flight. The shard
@@ -469,7 +492,9 @@ func (e *Engine) Roots() []*vasmon.Root {
 }
 
 // Submit queues events of VM vm, in order. The events are copied; evs may be
-// reused when Submit returns. Events with Trap == 0 are stamped now.
+// reused when Submit returns. Events with Trap == 0 are stamped now. The
+// backend must have applied every write of evs to guest memory before it
+// calls Submit.
 //
 // When a shard queue is full, Submit waits (default) or, with
 // Config.NonBlocking, stops and returns ErrOverload: it then returns n, the
@@ -555,13 +580,17 @@ func (e *Engine) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
 
 const submitChunk = 64
 
+// stamp completes an event for the shards. Seen is taken once per Submit,
+// after the backend applied the writes to guest memory (the contract), so
+// a write seen before a hook read its page is known to be in the read.
 func (e *Engine) stamp(ev *shard.Event, vm vasmon.VMID, ve *vmEntry, now *int64) {
 	ev.VM, ev.Slot = uint32(vm), ve.slot
 	ev.Hash = vasmon.PageHash(vm, ev.GPA)
+	if *now == 0 {
+		*now = shard.Now()
+	}
+	ev.Seen = *now
 	if ev.Trap == 0 {
-		if *now == 0 {
-			*now = shard.Now()
-		}
 		ev.Trap = *now
 	}
 }

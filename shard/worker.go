@@ -20,6 +20,7 @@ type Event struct {
 	RIP  uint64 // writer's instruction pointer, 0 if unknown
 	Trap int64  // when the trap was observed, in Now() nanoseconds
 	Hash uint64 // vasmon.PageHash(VM, GPA), set by the engine
+	Seen int64  // when the engine received the event (Now), set by the engine
 	VM   uint32
 	Slot uint32 // dense per-VM counter slot (set by the engine)
 	Size uint8
@@ -163,7 +164,9 @@ func New(cfg Config, sink Sink) *Shard {
 	if cfg.PendingTimeout <= 0 {
 		cfg.PendingTimeout = time.Millisecond
 	}
-	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: vasmon.NewStore(),
+	st := vasmon.NewStore()
+	st.Clock = Now
+	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
 		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
 		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
 		loc: local{vm: make([][len(kindNames) + 1]uint64, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
@@ -373,7 +376,7 @@ func (s *Shard) drainInbox() {
 }
 
 func (s *Shard) process(e *Event) {
-	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap, Hash: e.Hash}
+	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap, Hash: e.Hash, Seen: e.Seen}
 	s.out.Reset()
 	k := s.store.Write(vasmon.VMID(e.VM), &w, &s.out)
 	s.loc.kinds[k]++
@@ -539,6 +542,7 @@ func (s *Shard) release() {
 			continue
 		}
 		if !s.store.Linked(&m.Req) {
+			vasmon.Dropped(&m.Req)
 			s.C.Dropped.Add(1)
 		} else {
 			s.out.Reset()

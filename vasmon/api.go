@@ -40,6 +40,11 @@ type Write struct {
 	Trap int64
 	// Hash, if not 0, is PageHash(vm, GPA), computed by the caller.
 	Hash uint64
+	// Seen, if not 0, is when the executor received the write, on the
+	// clock of Store.Clock, after the backend applied it to guest memory.
+	// A write seen before its page was read by a hook is already in the
+	// shadow and is dropped (it would move the entry back in time).
+	Seen int64
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool
@@ -100,9 +105,10 @@ type VM struct {
 	// slot); the monitor does not use it.
 	Slot uint32
 
-	tables  atomic.Int64
-	refused atomic.Int64
-	queued  int64 // Monitor only: hooks minus unhooks queued in its loop
+	tables   atomic.Int64
+	refused  atomic.Int64
+	queued   int64        // Monitor only: hooks minus unhooks queued in its loop
+	admitted atomic.Int64 // hook requests emitted by steps and not yet run (Store.emitHook)
 }
 
 // NewVM returns a VM record; maxTables 0 means DefaultVMTables.
@@ -141,11 +147,12 @@ type Root struct {
 	// a subtree linked later at the same addresses are reported new.
 	Unhooks atomic.Int64
 
-	tables  atomic.Int64
-	gen     atomic.Uint32
-	stopped atomic.Bool
-	stats   rootCounters
-	queued  int64 // Monitor only: hooks minus unhooks queued in its loop
+	tables   atomic.Int64
+	gen      atomic.Uint32
+	stopped  atomic.Bool
+	stats    rootCounters
+	queued   int64        // Monitor only: hooks minus unhooks queued in its loop
+	admitted atomic.Int64 // hook requests emitted by steps and not yet run (Store.emitHook)
 }
 
 type rootCounters struct {

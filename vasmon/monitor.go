@@ -191,6 +191,7 @@ func (m *Monitor) run() {
 			r.queued--
 			r.VM.queued--
 			if !m.store.Linked(&req) {
+				Dropped(&req)
 				// Its parent was unhooked after linking it (one write
 				// completed both the parent's unlink and this link).
 				continue
@@ -235,6 +236,7 @@ func (m *Monitor) admit(from int) {
 		}
 		if req.Op == OpHook {
 			if r.tables.Load()+r.queued >= r.Opts.MaxTables || vm.tables.Load()+vm.queued >= vm.MaxTables {
+				Dropped(req)
 				refused++
 				last = *req
 				continue

@@ -93,6 +93,7 @@ const (
 // table node on it.
 type page struct {
 	pfn    uint64
+	readAt int64 // Store.Clock when the page was read; 0 without a clock
 	vm     VMID
 	head   uint32 // first node on the page
 	refs   uint32 // nodes on the page
@@ -152,6 +153,8 @@ type Store struct {
 	nstale  int    // stale nodes
 	pend    []pend
 	st      StoreStats
+	// Clock, if set, stamps when a hooked page is read (see Write.Seen).
+	Clock func() int64
 }
 
 // StoreStats counts a store's events by outcome.
@@ -162,6 +165,7 @@ type StoreStats struct {
 	UnhookMisses   uint64 // unhook of a table that was never hooked (refused, out of RAM...)
 	Supersedes     uint64
 	Duplicates     uint64 // hooks of a link already hooked
+	Stale          uint64 // writes seen before their page was read by a hook (Write.Seen)
 	ProtectErrors  uint64
 	ForcedPartial  uint64 // partial writes completed early because maxPending was reached
 	ExpiredPartial uint64 // partial writes completed by ExpirePending
@@ -269,10 +273,32 @@ func (s *Store) emitHook(n *node, i int, e uint64, report bool, out *Output) {
 		r.stats.selfRef.Add(1)
 		return
 	}
-	out.Reqs = append(out.Reqs, Request{
+	req := Request{
 		Root: r, GPA: child, VA: m.EntryVA(n.va, int(n.level), i), Level: uint8(level),
 		Anc: [4]uint32{self, n.anc[0], n.anc[1], n.anc[2]}, PGen: n.gen, Op: OpHook, Report: report,
-	})
+	}
+	// Admission: the tables hooked plus the hooks emitted and not yet run
+	// may not pass a budget, so the requests in flight stay in proportion
+	// to the budgets, not to what the guest claims (an alias bomb makes
+	// every hooked table link 512 more).
+	vm := r.VM
+	if r.tables.Load()+r.admitted.Load() >= r.Opts.MaxTables || vm.tables.Load()+vm.admitted.Load() >= vm.MaxTables {
+		r.refuseN(1, &req)
+		return
+	}
+	r.admitted.Add(1)
+	vm.admitted.Add(1)
+	out.Reqs = append(out.Reqs, req)
+}
+
+// Dropped tells the store that an executor drops hook request req, emitted
+// by a step, without running it (its parent changed meanwhile), so that it
+// no longer counts against the budgets.
+func Dropped(req *Request) {
+	if req.Op == OpHook && int(req.Level) < req.Root.Mode.Levels() {
+		req.Root.admitted.Add(-1)
+		req.Root.VM.admitted.Add(-1)
+	}
 }
 
 func (s *Store) emitUnhook(n *node, i int, e uint64, out *Output) {
@@ -301,6 +327,7 @@ func (s *Store) Exec(req *Request, out *Output) {
 // stale (it reports nothing more and is removed silently by its unhook).
 func (s *Store) Hook(req *Request, out *Output) HookResult {
 	r := req.Root
+	Dropped(req) // from here on it counts as a table or as nothing
 	if r.Stopped() {
 		return Ignored
 	}
@@ -406,6 +433,10 @@ func (s *Store) newPage(vm *VM, pfn uint64, esz uint8) uint32 {
 		s.st.ProtectErrors++
 		return 0
 	}
+	var readAt int64
+	if s.Clock != nil {
+		readAt = s.Clock()
+	}
 	ph := s.pages.alloc()
 	s.shadows.ensure(ph)
 	if err := vm.Mem.Read(gpa, s.shadows.at(ph)[:]); err != nil {
@@ -415,7 +446,7 @@ func (s *Store) newPage(vm *VM, pfn uint64, esz uint8) uint32 {
 		}
 		return 0
 	}
-	*s.pages.at(ph) = page{pfn: pfn, vm: vm.ID, esz: esz}
+	*s.pages.at(ph) = page{pfn: pfn, vm: vm.ID, esz: esz, readAt: readAt}
 	s.byPage.insert(pageHash(vm.ID, pfn), ph)
 	return ph
 }
@@ -581,6 +612,16 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 			continue
 		}
 		p := s.pages.at(ph)
+		if w.Seen != 0 && w.Seen < p.readAt {
+			// Applied to memory before the hook read the page: already
+			// in the shadow.
+			s.st.Stale++
+			n := min(end, pageEnd) - gpa
+			data >>= 8 * n
+			gpa += n
+			first = false
+			continue
+		}
 		p.writes++
 		esz := uint64(p.esz)
 		for gpa < end && gpa < pageEnd {

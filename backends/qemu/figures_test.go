@@ -1,0 +1,150 @@
+package qemu_test
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/backends/qemu"
+	"github.com/vasengine/vasengine/engine"
+)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+func cpuSelf() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+type figure struct {
+	mode                       string
+	workload, wall             time.Duration
+	qemuCPU, goCPU             time.Duration
+	stores, records, submitted uint64
+	roots                      qemu.RootStats
+	callbacks                  uint64
+	p50, p99, p999, max        time.Duration
+	drops                      uint64
+}
+
+// TestFigures measures the README's figures; it runs only with
+// VASENGINE_QEMU_FIGURES=1 (about a minute). The same fixed workload
+// (FIG_WORKLOAD rounds FIG_ROUNDS, FIG_JOBS copies; default fork, 150, 1) runs
+// three times: without the plugin, with the plugin and a null consumer
+// (records drained and discarded, nothing protected beyond the sampling),
+// and with the engine (FIG_SHARDS shards, unpinned; default 2).
+func TestFigures(t *testing.T) {
+	if os.Getenv("VASENGINE_QEMU_FIGURES") == "" {
+		t.Skip("set VASENGINE_QEMU_FIGURES=1 to measure the figures")
+	}
+	needQEMU(t)
+	base := qemu.Config{Workload: os.Getenv("FIG_WORKLOAD"), Rounds: envInt("FIG_ROUNDS", 150), Jobs: envInt("FIG_JOBS", 1)}
+	shards := envInt("FIG_SHARDS", 2)
+	var figs []figure
+	modes := []string{"no plugin", "null consumer", "engine"}
+	if m := os.Getenv("FIG_MODES"); m != "" { // for profiling one mode
+		modes = strings.Split(m, ",")
+	}
+	for _, mode := range modes {
+		cfg := base
+		cfg.NoPlugin = mode == "no plugin"
+		cfg.NullConsumer = mode == "null consumer"
+		var e *engine.Engine
+		var host engine.Host
+		var calls atomic.Uint64
+		req := backends.Request{Monitored: backends.DefaultMonitored,
+			Callback: func(any, uint64, uint64, uint64, uint64) { calls.Add(1) }}
+		if mode == "engine" {
+			var err error
+			if e, err = engine.New(engine.Config{Shards: shards, NoPin: true}); err != nil {
+				t.Fatal(err)
+			}
+			host = e
+		}
+		f := measure(t, host, cfg, req)
+		f.mode = mode
+		if e != nil {
+			st := e.Stats()
+			f.callbacks = calls.Load()
+			f.p50, f.p99 = time.Duration(st.Latency.Quantile(0.5)), time.Duration(st.Latency.Quantile(0.99))
+			f.p999, f.max = time.Duration(st.Latency.Quantile(0.999)), time.Duration(st.Latency.Max())
+			e.Close()
+		}
+		figs = append(figs, f)
+	}
+	var null figure
+	for _, f := range figs {
+		if f.mode == "null consumer" {
+			null = f
+		}
+	}
+	for _, f := range figs {
+		sec := f.workload.Seconds()
+		t.Logf("%-13s workload %6.2fs  QEMU CPU %6.2fs  Go CPU %5.2fs  stores %6.1f M/s  records %7.0f /s (%7.0f per QEMU CPU s)  roots %d  drops %d",
+			f.mode, sec, f.qemuCPU.Seconds(), f.goCPU.Seconds(), float64(f.stores)/sec/1e6, float64(f.records)/sec,
+			float64(f.records)/f.qemuCPU.Seconds(), f.roots.Started, f.drops)
+		if f.mode == "engine" && null.mode != "" {
+			t.Logf("engine: %d events submitted, %d callbacks; callback latency p50 %v p99 %v p99.9 %v max %v",
+				f.submitted, f.callbacks, f.p50, f.p99, f.p999, f.max)
+			t.Logf("engine run vs null consumer: workload time %+.1f%%, QEMU CPU %+.1f%%, Go CPU %+.2fs = %.1f%% of the engine run's QEMU+Go CPU",
+				100*(f.workload.Seconds()/null.workload.Seconds()-1), 100*(f.qemuCPU.Seconds()/null.qemuCPU.Seconds()-1),
+				(f.goCPU - null.goCPU).Seconds(), 100*(f.goCPU-null.goCPU).Seconds()/(f.qemuCPU+f.goCPU).Seconds())
+		}
+		if f.drops != 0 {
+			t.Errorf("%s: %d drops", f.mode, f.drops)
+		}
+	}
+}
+
+// measure runs one guest to the end of its workload. Times and counters are
+// taken between the workload's start and end (CPU times too), so boot is
+// left out.
+func measure(t *testing.T, host engine.Host, cfg qemu.Config, req backends.Request) figure {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	g, err := qemu.StartGuest(ctx, host, 1, cfg, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close(context.Background())
+	for !g.WorkloadStarted() {
+		select {
+		case <-g.Exited():
+			t.Fatalf("guest exited early: %v", g.Stats().Exit)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	c0, cpu0, q0 := g.Counters(), cpuSelf(), g.QEMUCPU()
+	for !g.WorkloadDone() {
+		select {
+		case <-g.Exited():
+			if !g.WorkloadDone() {
+				t.Fatalf("guest exited before its workload ended: %v", g.Stats().Exit)
+			}
+		case <-ctx.Done():
+			t.Fatal("workload did not end")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	c1, cpu1, q1 := g.Counters(), cpuSelf(), g.QEMUCPU()
+	<-g.Exited()
+	if err := g.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s := g.Stats()
+	return figure{workload: s.Workload, wall: s.Wall, qemuCPU: q1 - q0, goCPU: cpu1 - cpu0,
+		stores: c1.Stores - c0.Stores, records: c1.Records - c0.Records, submitted: s.Submitted,
+		roots: s.Roots, drops: s.Plugin.Drops}
+}

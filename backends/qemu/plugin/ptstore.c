@@ -1,0 +1,361 @@
+/*
+ * ptstore.c: the EPT part of vasengine's QEMU TCG backend, as a QEMU plugin
+ * (plugin API version 1, QEMU 7.2 system emulation).
+ *
+ * For every guest store to RAM whose page is marked in a shared bitmap of
+ * write-protected guest pages, it pushes one record per 8-byte entry the
+ * store touched into a shared ring: (vCPU, entry GPA, the whole entry as it
+ * is in guest RAM after the store, the instruction's address, a
+ * CLOCK_MONOTONIC time stamp). The Go backend (backends/qemu) sets and clears
+ * the bitmap as the engine write-protects and releases page-table pages,
+ * drains the ring and keeps all page-table semantics; this file knows nothing
+ * of paging levels or trees.
+ *
+ * It also reports stores that complete a page whose last 8 bytes then equal
+ * a value the Go side publishes (entry 511 of the guest's reference
+ * top-level table): how a Linux guest's new address spaces are found at
+ * birth. That is a comparison of bytes, not paging knowledge.
+ *
+ * Arguments: ctl=PATH (the control file: header, bitmap, ring; layout in
+ * backends/qemu/shm.go, which must agree with the constants below) and
+ * ram=PATH (the guest RAM file of -object memory-backend-file, mapped
+ * read-only to re-read entries).
+ *
+ * Ordering. The ring is multi-producer, single-consumer. A producer reserves
+ * a slot (CAS on head) before it reads the entry from guest RAM, so for two
+ * records of one entry the one with the higher slot number read guest RAM
+ * later: the last record of an entry always holds its final value. Between
+ * the store and the bitmap test there is a full fence: with the Go side's
+ * protect (an atomic OR, then a read of the table) this guarantees that a
+ * store is either seen by that read or reported here.
+ *
+ * QEMU ships no plugin header in Debian: the declarations below are our own,
+ * of the documented API functions this file uses.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- The subset of QEMU's plugin API (version 1) used here. ---- */
+
+typedef uint64_t qemu_plugin_id_t;
+typedef uint32_t qemu_plugin_meminfo_t;
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+struct qemu_plugin_hwaddr;
+
+typedef struct {
+	const char *target_name;
+	struct {
+		int min;
+		int cur;
+	} version;
+	bool system_emulation;
+	union {
+		struct {
+			int smp_vcpus;
+			int max_vcpus;
+		} system;
+	};
+} qemu_info_t;
+
+enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS = 0 };
+enum qemu_plugin_mem_rw { QEMU_PLUGIN_MEM_R = 1, QEMU_PLUGIN_MEM_W = 2, QEMU_PLUGIN_MEM_RW = 3 };
+
+typedef void (*qemu_plugin_vcpu_tb_trans_cb_t)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
+typedef void (*qemu_plugin_vcpu_mem_cb_t)(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
+					  uint64_t vaddr, void *userdata);
+
+void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_tb_trans_cb_t cb);
+size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+void qemu_plugin_register_vcpu_mem_cb(struct qemu_plugin_insn *insn, qemu_plugin_vcpu_mem_cb_t cb,
+				      enum qemu_plugin_cb_flags flags, enum qemu_plugin_mem_rw rw,
+				      void *userdata);
+bool qemu_plugin_mem_is_store(qemu_plugin_meminfo_t info);
+unsigned int qemu_plugin_mem_size_shift(qemu_plugin_meminfo_t info);
+struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t info, uint64_t vaddr);
+bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *haddr);
+uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *haddr);
+void qemu_plugin_outs(const char *string);
+
+#define EXPORT __attribute__((visibility("default")))
+EXPORT int qemu_plugin_version = 1;
+
+/* ---- Shared control file (see backends/qemu/shm.go). ---- */
+
+#define CTL_MAGIC 0x3153545051534156ULL /* "VASQPTS1" */
+#define CTL_VERSION 1
+#define MAX_VCPUS 64
+#define HDR_BYTES 8192
+#define WAIT_LIMIT_NS 10000000000LL /* a full ring for this long counts a drop */
+
+struct vcpu_counters {
+	uint64_t stores;    /* store callbacks (RAM and io) */
+	uint64_t io;        /* stores to io, skipped */
+	uint64_t records;   /* records pushed */
+	uint64_t waits;     /* pushes that found the ring full */
+	uint64_t wait_ns;   /* time spent waiting for room */
+	uint64_t crosspage; /* stores that crossed a page boundary */
+	uint64_t pad[2];
+};
+
+struct ctl_header {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t max_vcpus;
+	uint64_t ring_slots; /* power of two */
+	uint64_t bitmap_pages;
+	uint64_t ram_bytes;
+	uint32_t attached; /* set to 1 by the plugin */
+	uint32_t smp_vcpus;
+	uint64_t pad0[2];
+	uint64_t head; /* offset 64: next slot to reserve (producers) */
+	uint64_t pad1[7];
+	uint64_t tail; /* offset 128: next slot to consume (the Go side) */
+	uint64_t pad2[7];
+	uint64_t drops;   /* offset 192 */
+	uint64_t pgd_sig; /* offset 200: entry 511 of the reference PGD, 0: unknown */
+	uint64_t pad3[6];
+	struct vcpu_counters vcpu[MAX_VCPUS]; /* offset 256 */
+};
+
+struct record {
+	uint64_t seq;  /* slot number + 1 once the record is complete */
+	uint64_t gpa;  /* the 8-byte aligned entry address */
+	uint64_t val;  /* the entry in guest RAM after the store */
+	uint64_t rip;  /* guest virtual address of the storing instruction */
+	int64_t ts;    /* CLOCK_MONOTONIC ns after the store */
+	uint32_t vcpu;
+	uint32_t size;      /* bytes of the store */
+	uint64_t store_gpa; /* first byte of the store */
+	uint32_t kind;      /* REC_ENTRY or REC_PGD */
+	uint32_t pad;
+};
+
+enum { REC_ENTRY = 0, REC_PGD = 1 };
+
+_Static_assert(sizeof(struct record) == 64, "record layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, head) == 64, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, tail) == 128, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, drops) == 192, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, vcpu) == 256, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, pgd_sig) == 200, "header layout");
+_Static_assert(__builtin_offsetof(struct record, kind) == 56, "record layout");
+_Static_assert(sizeof(struct ctl_header) <= HDR_BYTES, "header size");
+
+static struct ctl_header *hdr;
+static uint64_t *bitmap;
+static struct record *ring;
+static uint64_t ring_mask;
+static const uint8_t *ram;
+static uint64_t ram_bytes;
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define BUMP(p, n) __atomic_store_n((p), LOAD(p) + (n), __ATOMIC_RELAXED) /* single writer */
+
+static int64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline bool protected_page(uint64_t gpa)
+{
+	uint64_t pfn = gpa >> 12;
+	if (pfn >= hdr->bitmap_pages)
+		return false;
+	return (LOAD(&bitmap[pfn >> 6]) >> (pfn & 63)) & 1;
+}
+
+static struct vcpu_counters *counters(unsigned int vcpu)
+{
+	return &hdr->vcpu[vcpu < MAX_VCPUS ? vcpu : MAX_VCPUS - 1];
+}
+
+/* push records the entry at gpa (8-byte aligned) after a store. */
+static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned size, uint64_t rip,
+		 uint32_t kind)
+{
+	struct vcpu_counters *c = counters(vcpu);
+	uint64_t h = __atomic_load_n(&hdr->head, __ATOMIC_RELAXED);
+	int64_t waited = 0;
+	for (;;) {
+		uint64_t t = __atomic_load_n(&hdr->tail, __ATOMIC_ACQUIRE);
+		if (h - t < ring_mask + 1) {
+			if (__atomic_compare_exchange_n(&hdr->head, &h, h + 1, true, __ATOMIC_SEQ_CST,
+							__ATOMIC_RELAXED))
+				break;
+			continue; /* h was reloaded */
+		}
+		/* Full: wait for the consumer rather than drop. */
+		if (waited == 0) {
+			waited = now_ns();
+			BUMP(&c->waits, 1);
+		}
+		int64_t d = now_ns() - waited;
+		if (d > WAIT_LIMIT_NS) {
+			__atomic_fetch_add(&hdr->drops, 1, __ATOMIC_RELAXED);
+			BUMP(&c->wait_ns, d);
+			return;
+		}
+		if (d < 20000) {
+			__builtin_ia32_pause();
+		} else {
+			struct timespec ts = {0, 50000};
+			nanosleep(&ts, NULL);
+		}
+		h = __atomic_load_n(&hdr->head, __ATOMIC_RELAXED);
+	}
+	if (waited)
+		BUMP(&c->wait_ns, now_ns() - waited);
+	struct record *r = &ring[h & ring_mask];
+	r->gpa = gpa;
+	/* Read after the reservation: see "Ordering" above. */
+	r->val = gpa + 8 <= ram_bytes ? __atomic_load_n((const uint64_t *)(ram + gpa), __ATOMIC_RELAXED) : 0;
+	r->rip = rip;
+	r->ts = now_ns();
+	r->vcpu = vcpu;
+	r->size = size;
+	r->store_gpa = store_gpa;
+	r->kind = kind;
+	__atomic_store_n(&r->seq, h + 1, __ATOMIC_RELEASE);
+	BUMP(&c->records, 1);
+}
+
+static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *userdata)
+{
+	if (!qemu_plugin_mem_is_store(info))
+		return;
+	struct vcpu_counters *c = counters(vcpu);
+	BUMP(&c->stores, 1);
+	unsigned size = 1u << qemu_plugin_mem_size_shift(info);
+	uint64_t end = vaddr + size; /* exclusive */
+	/* Order the store before the bitmap loads (see "Ordering"). */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	/* One step per guest page the store touched (two at most). */
+	for (uint64_t va = vaddr; va < end;) {
+		uint64_t pend = (va | 4095) + 1;
+		if (pend > end)
+			pend = end;
+		if (va != vaddr)
+			BUMP(&c->crosspage, 1);
+		struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, va);
+		if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+			BUMP(&c->io, 1);
+			va = pend;
+			continue;
+		}
+		uint64_t gpa = qemu_plugin_hwaddr_phys_addr(hw);
+		uint64_t last = gpa + (pend - va) - 1;
+		uint64_t rip = (uint64_t)(uintptr_t)userdata;
+		if (protected_page(gpa)) {
+			for (uint64_t e = gpa & ~7ULL; e <= last; e += 8)
+				push(vcpu, e, gpa, size, rip, REC_ENTRY);
+		}
+		/*
+		 * A store that completes the last entry of a page with the
+		 * reference PGD's entry 511: the kernel has just copied the
+		 * kernel half into a new top-level table (pgd_alloc).
+		 */
+		uint64_t sig = LOAD(&hdr->pgd_sig);
+		if ((last & 4095) == 4095 && sig != 0 && (last | 7) < ram_bytes &&
+		    LOAD((const uint64_t *)(ram + (last & ~7ULL))) == sig)
+			push(vcpu, last & ~4095ULL, gpa, size, rip, REC_PGD);
+		va = pend;
+	}
+}
+
+static void tb_trans_cb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+	(void)id;
+	size_t n = qemu_plugin_tb_n_insns(tb);
+	for (size_t i = 0; i < n; i++) {
+		struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+		/* The rw filter is ignored by QEMU 7.2: mem_cb checks is_store. */
+		qemu_plugin_register_vcpu_mem_cb(insn, mem_cb, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_W,
+						 (void *)(uintptr_t)qemu_plugin_insn_vaddr(insn));
+	}
+}
+
+static void fail(const char *what, const char *path)
+{
+	char buf[512];
+	snprintf(buf, sizeof buf, "ptstore: %s %s: %s\n", what, path ? path : "", strerror(errno));
+	qemu_plugin_outs(buf);
+	fputs(buf, stderr);
+}
+
+static void *map_file(const char *path, int prot, uint64_t *size)
+{
+	int fd = open(path, (prot & PROT_WRITE) ? O_RDWR : O_RDONLY);
+	if (fd < 0) {
+		fail("open", path);
+		return NULL;
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0) {
+		fail("stat", path);
+		close(fd);
+		return NULL;
+	}
+	void *p = mmap(NULL, st.st_size, prot, MAP_SHARED, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED) {
+		fail("mmap", path);
+		return NULL;
+	}
+	*size = st.st_size;
+	return p;
+}
+
+EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+	const char *ctl = NULL, *ramp = NULL;
+	for (int i = 0; i < argc; i++) {
+		if (strncmp(argv[i], "ctl=", 4) == 0)
+			ctl = argv[i] + 4;
+		else if (strncmp(argv[i], "ram=", 4) == 0)
+			ramp = argv[i] + 4;
+	}
+	if (!info->system_emulation || !ctl || !ramp) {
+		errno = EINVAL;
+		fail("needs system emulation and arguments ctl=PATH,ram=PATH", NULL);
+		return -1;
+	}
+	uint64_t ctl_bytes;
+	void *c = map_file(ctl, PROT_READ | PROT_WRITE, &ctl_bytes);
+	if (!c)
+		return -1;
+	hdr = c;
+	uint64_t slots = hdr->ring_slots;
+	uint64_t bm_bytes = ((hdr->bitmap_pages + 63) / 64 * 8 + 4095) & ~4095ULL;
+	if (hdr->magic != CTL_MAGIC || hdr->version != CTL_VERSION || hdr->max_vcpus != MAX_VCPUS ||
+	    slots == 0 || (slots & (slots - 1)) != 0 ||
+	    ctl_bytes < HDR_BYTES + bm_bytes + slots * sizeof(struct record)) {
+		errno = EINVAL;
+		fail("bad control file", ctl);
+		return -1;
+	}
+	bitmap = (uint64_t *)((char *)c + HDR_BYTES);
+	ring = (struct record *)((char *)c + HDR_BYTES + bm_bytes);
+	ring_mask = slots - 1;
+	ram = map_file(ramp, PROT_READ, &ram_bytes);
+	if (!ram)
+		return -1;
+	hdr->smp_vcpus = info->system.smp_vcpus;
+	__atomic_store_n(&hdr->attached, 1, __ATOMIC_RELEASE);
+	qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans_cb);
+	return 0;
+}

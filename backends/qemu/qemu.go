@@ -1,0 +1,284 @@
+// Package qemu is the QEMU TCG backend: it runs real Linux guests under
+// qemu-system-x86_64 (software emulation, no KVM) and feeds their page-table
+// writes to an engine.Host.
+//
+// # Contract
+//
+// Write protection is a bitmap of guest pages in a shared-memory control
+// file: the Protector sets and clears bits exactly where an EPT write hook
+// would be set and cleared. A QEMU plugin (plugin/ptstore.c, built into
+// build/qemu/ptstore.so) tests every guest store to RAM against the bitmap
+// and, for a store to a protected page, pushes one record per 8-byte entry
+// the store touched: the entry's address and its whole value read from guest
+// RAM after the store. The backend submits each record as a shard.Event of
+// Size 8 at the aligned entry address with that value as Data (no HasOld: the
+// engine's shadow gives the old value), stamped with the plugin's time of the
+// store (Trap, on shard.Now's clock) and the storing instruction's address
+// (RIP). Events of one VM are submitted in ring order, which for records of
+// one entry is the order of their reads of guest RAM, so the last event of an
+// entry always carries its current value. The plugin never drops a record
+// unless the backend stops draining for 10 s (Counters.Drops, which must stay
+// 0). Guest RAM is the memory-backend-file mapped read-only (vasmon.Memory):
+// with the pc machine and at most 2 GiB (Config.MemMB) it is contiguous from
+// GPA 0 at file offset == GPA, which is also what the plugin API's
+// "physical address" of a RAM store is (larger guests get RAM above 4 GiB,
+// where it is not). The legacy hole 0xA0000-0xFFFFF reads the file's bytes,
+// not the VGA/ROM the guest sees there; no page table lives there.
+//
+// Stale events (an engine issue, not solved here). When the engine unhooks
+// a page (Unprotect) while events for it are still queued, then hooks it
+// again, the hook reads guest RAM (newer than those events) and the queued
+// events are applied after it: the shadow goes back to an older value, and
+// the guest's writes made while the page was unprotected are never
+// reported, so nothing brings it forward again. The engine then holds a
+// wrong table or misses a leaf. It happens when the engine lags behind the
+// guest (one shard, or the race detector); dropping events whose Trap
+// precedes the page's hook read (read the clock before the read) fixed
+// every such failure in an experiment. The backend cannot fix it alone: it
+// cannot know which events are still queued.
+//
+// Accessed/Dirty bits are set by QEMU's MMU without a store callback, so they
+// must not be monitored (backends.DefaultMonitored leaves them out). Stores
+// made by QEMU itself on the guest's behalf (device DMA) are not seen either;
+// the test guests have no DMA-capable device.
+//
+// # Address spaces
+//
+// Linux copies the kernel half of its reference top-level table
+// (swapper_pg_dir) into every new PGD (pgd_alloc), and never changes the
+// kernel half of a live PGD afterwards (x86-64, 6.1, no memory hotplug).
+// The backend learns that kernel half by sampling every vCPU's CR3 (QMP
+// "info registers -a", every Config.SampleEvery): the first kernel half that
+// two distinct sampled CR3 pages share is the reference. It then
+//   - starts the roots of the sampled CR3s whose page holds the reference
+//     kernel half and a present user entry (the processes that existed
+//     before the reference was known: init and the workload's shells);
+//   - publishes entry 511 of the reference to the plugin, which reports
+//     every store completing a page whose last entry then holds that
+//     value: a new PGD, just filled by pgd_alloc. The backend checks the
+//     whole kernel half and starts the root at once, before the kernel
+//     links any user table into it, so every address space created after
+//     boot is monitored from birth, however short its life.
+//
+// Roots are 4- or 5-level (from CR0, CR4 and EFER of the sampled vCPUs).
+// A root is stopped when its page stops being a live PGD:
+//   - a write to its kernel half (entries 256-511): Linux never changes the
+//     kernel half of a live PGD on x86-64 6.1 (absent memory hotplug), so the
+//     page was freed and is being reused (zeroed, or re-initialised as a PGD);
+//   - a write that leaves its user half without a present entry: exit_mmap
+//     clears the user half when the process exits or execs;
+//   - a periodic re-check (every 100 ms) finds its kernel half changed.
+//
+// # Guests
+//
+// Each guest is its own QEMU process, VM ID, RAM file, control file and QMP
+// socket (under /dev/shm), so several run at once. The guest is Debian's 6.1
+// cloud kernel with a busybox initramfs whose /init runs the workload named
+// on the kernel command line (guest/init; scripts/qemu-setup.sh builds all of
+// it into build/qemu).
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Workloads the guest's /init knows.
+var Workloads = []string{"fork", "mmap", "grow", "idle", "mixed"}
+
+// Config configures a run. The zero value is valid: one guest running the
+// fork workload until Duration (0: until every guest powers off).
+type Config struct {
+	Guests   int           // guests run at once; 0: 1
+	Workload string        // one of Workloads; "": fork
+	Rounds   int           // workload rounds before the guest powers off; 0: forever
+	Jobs     int           // concurrent copies of the workload in a guest; 0: 1
+	Duration time.Duration // stop the guests after this long; 0: when they power off (never with Rounds 0: end ctx)
+	MemMB    int           // guest RAM in MiB; 0: 512, at most 2048
+	VCPUs    int           // vCPUs per guest; 0: 1
+	FirstVM  vasmon.VMID   // VM IDs are FirstVM, FirstVM+1, ...; 0: 1
+
+	// Dir holds vmlinuz, initrd.gz and ptstore.so; "": DefaultDir().
+	Dir  string
+	QEMU string // the emulator binary; "": qemu-system-x86_64
+	// SampleEvery is the CR3 sampling period; 0: 20 ms.
+	SampleEvery time.Duration
+	// RingSlots is the record ring's capacity (a power of two); 0: 1<<18.
+	RingSlots int
+
+	// NullConsumer drains the ring but submits nothing and starts no root:
+	// the plugin-only baseline. host may then be nil.
+	NullConsumer bool
+	// NoPlugin runs QEMU without the plugin (a baseline; nothing is monitored).
+	NoPlugin bool
+	// Console receives the guests' serial console; nil discards it.
+	Console io.Writer
+}
+
+func (c *Config) defaults() error {
+	if c.Guests == 0 {
+		c.Guests = 1
+	}
+	if c.Workload == "" {
+		c.Workload = "fork"
+	}
+	known := false
+	for _, w := range Workloads {
+		known = known || w == c.Workload
+	}
+	if !known {
+		return fmt.Errorf("qemu: unknown workload %q (have %v)", c.Workload, Workloads)
+	}
+	if c.Jobs == 0 {
+		c.Jobs = 1
+	}
+	if c.MemMB == 0 {
+		c.MemMB = 512
+	}
+	if c.MemMB < 64 || c.MemMB > 2048 {
+		// Above ~2.75 GiB the pc machine puts RAM above 4 GiB, where the
+		// plugin's physical addresses are not GPAs (see ram).
+		return fmt.Errorf("qemu: %d MiB of guest RAM: must be 64..2048", c.MemMB)
+	}
+	if c.VCPUs == 0 {
+		c.VCPUs = 1
+	}
+	if c.VCPUs < 1 || c.VCPUs > maxVCPUs || c.Guests < 1 || c.Rounds < 0 || c.Jobs < 1 {
+		return fmt.Errorf("qemu: bad guest count, vCPUs, rounds or jobs")
+	}
+	if c.FirstVM == 0 {
+		c.FirstVM = 1
+	}
+	if c.Dir == "" {
+		d, err := DefaultDir()
+		if err != nil {
+			return err
+		}
+		c.Dir = d
+	}
+	if c.QEMU == "" {
+		c.QEMU = "qemu-system-x86_64"
+	}
+	if c.SampleEvery == 0 {
+		c.SampleEvery = 20 * time.Millisecond
+	}
+	if c.RingSlots == 0 {
+		c.RingSlots = 1 << 18
+	}
+	return nil
+}
+
+// DefaultDir returns build/qemu under the module root (the first directory
+// upwards from the working directory that holds go.mod), or
+// $VASENGINE_QEMU_DIR if set.
+func DefaultDir() (string, error) {
+	if d := os.Getenv("VASENGINE_QEMU_DIR"); d != "" {
+		return d, nil
+	}
+	d, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return filepath.Join(d, "build", "qemu"), nil
+		}
+		p := filepath.Dir(d)
+		if p == d {
+			return "", errors.New("qemu: no go.mod above the working directory: set Config.Dir")
+		}
+		d = p
+	}
+}
+
+// Artifacts returns the paths of the kernel, initramfs and plugin in dir, or
+// an error naming what is missing (scripts/qemu-setup.sh builds them).
+func Artifacts(dir string) (kernel, initrd, plugin string, err error) {
+	kernel, initrd, plugin = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz"), filepath.Join(dir, "ptstore.so")
+	for _, p := range []string{kernel, initrd, plugin} {
+		if _, e := os.Stat(p); e != nil {
+			err = errors.Join(err, fmt.Errorf("qemu: %s missing (run scripts/qemu-setup.sh)", p))
+		}
+	}
+	return
+}
+
+// Summary is what a run did.
+type Summary struct {
+	Wall   time.Duration
+	Guests []GuestStats
+}
+
+// Run runs cfg.Guests guests, monitors their address spaces on host with
+// req, and stops them after cfg.Duration, when every guest has powered off,
+// or when ctx ends. Each guest's roots are stopped (their mappings reported
+// removed) and its VM removed from host before Run returns.
+func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request) (Summary, error) {
+	if err := cfg.defaults(); err != nil {
+		return Summary{}, err
+	}
+	start := time.Now()
+	var gs []*Guest
+	var errs []error
+	for i := 0; i < cfg.Guests; i++ {
+		g, err := StartGuest(ctx, host, cfg.FirstVM+vasmon.VMID(i), cfg, req)
+		if err != nil {
+			errs = append(errs, err)
+			break
+		}
+		gs = append(gs, g)
+	}
+	if len(errs) == 0 {
+		var timeout <-chan time.Time
+		if cfg.Duration > 0 {
+			t := time.NewTimer(cfg.Duration)
+			defer t.Stop()
+			timeout = t.C
+		}
+	wait:
+		for _, g := range gs {
+			select {
+			case <-g.Exited():
+			case <-timeout:
+				break wait
+			case <-ctx.Done():
+				break wait
+			}
+		}
+	}
+	sum := Summary{Guests: make([]GuestStats, len(gs))}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for i, g := range gs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := g.Close(cctx); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+			sum.Guests[i] = g.Stats()
+		}()
+	}
+	wg.Wait()
+	sum.Wall = time.Since(start)
+	for _, s := range sum.Guests {
+		if s.Plugin.Drops != 0 {
+			errs = append(errs, fmt.Errorf("qemu: VM %d: the plugin dropped %d records", s.VM, s.Plugin.Drops))
+		}
+	}
+	return sum, errors.Join(errs...)
+}

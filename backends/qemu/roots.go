@@ -1,0 +1,373 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Root discovery and retirement for Linux x86-64 guests (see the package
+// comment). The lifecycle goroutine owns starting and stopping; the drainer
+// only flags roots whose table page it sees rewritten.
+
+const (
+	userEntries  = 256 // root entries below this are the user half (4- and 5-level)
+	recheckEvery = 100 * time.Millisecond
+)
+
+// Why a root was stopped.
+const (
+	whyKernel = iota + 1 // a write to its kernel half
+	whyEmpty             // its user half was emptied
+	whyCheck             // the periodic re-check found its kernel half changed
+)
+
+type opKind uint8
+
+const (
+	opDeath opKind = iota // stop op.st
+	opBirth               // start the new top-level table at op.gpa
+	opSync                // re-check every root, then close op.done
+)
+
+type op struct {
+	kind opKind
+	st   *rootState
+	gpa  uint64
+	done chan struct{}
+}
+
+type rootState struct {
+	gpa   uint64
+	info  *backends.RootInfo
+	root  atomic.Pointer[vasmon.Root] // nil while starting
+	dying atomic.Bool
+	why   atomic.Int32
+}
+
+// Root is an address space the backend monitors.
+type Root struct {
+	Info *backends.RootInfo // the callback context
+	Root *vasmon.Root
+}
+
+// RootStats count what root discovery did.
+type RootStats struct {
+	Samples     uint64        // CR3 samples (QMP round trips)
+	SampleTime  time.Duration // time spent sampling
+	Births      uint64        // new top-level tables reported by the plugin
+	Started     uint64        // roots started (at birth or from a sampled CR3)
+	StartFailed uint64        // engine Start failures
+	NotPGD      uint64        // sampled CR3s rejected: not a live Linux PGD
+	BadBirths   uint64        // births rejected: the kernel half is not the reference
+	Unsupported uint64        // sampled vCPUs not in 4- or 5-level paging
+	// Roots stopped because of a write to the kernel half, because their
+	// user half was emptied, or by the periodic re-check.
+	StoppedKernel, StoppedEmpty, StoppedCheck uint64
+	StopFailed                                uint64
+	Live                                      int  // roots monitored now
+	Reference                                 bool // the reference kernel half is known
+}
+
+type lifeStats struct {
+	samples, sampleNs, births, badBirths, started, startFailed, notPGD, unsupported atomic.Uint64
+	stopped                                                                         [4]atomic.Uint64 // by why
+	stopFailed                                                                      atomic.Uint64
+	live                                                                            atomic.Int64
+	ref                                                                             atomic.Bool
+}
+
+func (l *lifeStats) snapshot() RootStats {
+	return RootStats{Samples: l.samples.Load(), SampleTime: time.Duration(l.sampleNs.Load()),
+		Births: l.births.Load(), BadBirths: l.badBirths.Load(), Started: l.started.Load(), StartFailed: l.startFailed.Load(), NotPGD: l.notPGD.Load(),
+		Unsupported: l.unsupported.Load(), StoppedKernel: l.stopped[whyKernel].Load(),
+		StoppedEmpty: l.stopped[whyEmpty].Load(), StoppedCheck: l.stopped[whyCheck].Load(),
+		StopFailed: l.stopFailed.Load(), Live: int(l.live.Load()), Reference: l.ref.Load()}
+}
+
+// Roots returns the roots monitored now.
+func (g *Guest) Roots() []Root {
+	var out []Root
+	g.roots.Range(func(_ uint64, st *rootState) bool {
+		if r := st.root.Load(); r != nil {
+			out = append(out, Root{Info: st.info, Root: r})
+		}
+		return true
+	})
+	return out
+}
+
+func (g *Guest) setRootBit(gpa uint64, on bool) {
+	pfn := gpa / vasmon.PageSize
+	w, bit := &g.rootBits[pfn/64], uint64(1)<<(pfn%64)
+	if on {
+		w.Or(bit)
+	} else {
+		w.And(^bit)
+	}
+}
+
+// watchRoot runs on the drainer for every record: it flags a root whose
+// table page stops being a live PGD.
+func (g *Guest) watchRoot(r *record) {
+	pfn := r.GPA / vasmon.PageSize
+	if pfn >= uint64(len(g.rootBits))*64 || g.rootBits[pfn/64].Load()&(1<<(pfn%64)) == 0 {
+		return
+	}
+	st, ok := g.roots.Load(pfn * vasmon.PageSize)
+	if !ok || st.dying.Load() {
+		return
+	}
+	var why int32
+	switch {
+	case r.GPA%vasmon.PageSize >= userEntries*8:
+		why = whyKernel
+	case r.Val&vasmon.BitP == 0 && !g.userPresent(st.gpa):
+		why = whyEmpty
+	default:
+		return
+	}
+	if st.dying.CompareAndSwap(false, true) {
+		st.why.Store(why)
+		select {
+		case g.ops <- op{kind: opDeath, st: st}:
+		case <-g.lifeDone:
+		}
+	}
+}
+
+// newPGD runs on the drainer for a page the kernel has just filled with the
+// kernel half of a new top-level table.
+func (g *Guest) newPGD(gpa uint64) {
+	g.ls.births.Add(1)
+	select {
+	case g.ops <- op{kind: opBirth, gpa: gpa}:
+	case <-g.lifeDone:
+	}
+}
+
+// userPresent reports whether the table at gpa has a present user-half entry.
+func (g *Guest) userPresent(gpa uint64) bool {
+	for i := uint64(0); i < userEntries; i++ {
+		if g.ram.word(gpa+8*i)&vasmon.BitP != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// kernelHalf returns entries 256..511 of the table at gpa.
+func (g *Guest) kernelHalf(gpa uint64) (k [512 - userEntries]uint64) {
+	for i := range k {
+		k[i] = g.ram.word(gpa + 8*(userEntries+uint64(i)))
+	}
+	return k
+}
+
+// lifecycle samples CR3s, starts and stops roots.
+func (g *Guest) lifecycle() {
+	defer close(g.lifeDone)
+	sample := time.NewTicker(g.cfg.SampleEvery)
+	defer sample.Stop()
+	check := time.NewTicker(recheckEvery)
+	defer check.Stop()
+	d := &detector{cand: make(map[[512 - userEntries]uint64]uint64)}
+	for {
+		select {
+		case <-g.quitLife:
+			return
+		case o := <-g.ops:
+			switch o.kind {
+			case opDeath:
+				g.stopRoot(o.st)
+			case opBirth:
+				g.birth(d, o.gpa)
+			case opSync:
+				g.recheck(d)
+				close(o.done)
+			}
+		case <-sample.C:
+			if !g.paused.Load() && g.ctl != nil {
+				g.sample(d)
+			}
+		case <-check.C:
+			if !g.paused.Load() {
+				g.recheck(d)
+			}
+		}
+	}
+}
+
+// detector holds the reference kernel half of the guest's PGDs.
+type detector struct {
+	ref    *[512 - userEntries]uint64
+	mode   vasmon.Mode                          // paging mode of the CR3s that gave ref
+	cand   map[[512 - userEntries]uint64]uint64 // kernel half -> first page seen with it
+	failed bool                                 // sampling failed (QEMU gone)
+}
+
+// isPGD reports whether the page at gpa looks like a live Linux PGD. Until
+// the reference kernel half is known, it learns it: the first kernel half
+// (with a present entry) that two distinct sampled CR3 pages share.
+func (g *Guest) isPGD(d *detector, gpa uint64, mode vasmon.Mode) bool {
+	k := g.kernelHalf(gpa)
+	if d.ref == nil {
+		present := false
+		for _, e := range k {
+			present = present || e&vasmon.BitP != 0
+		}
+		if !present {
+			return false
+		}
+		if first, ok := d.cand[k]; ok && first != gpa {
+			d.ref, d.mode = &k, mode
+			g.ls.ref.Store(true)
+			// From now on the plugin reports new PGDs as the kernel
+			// copies the kernel half in.
+			g.ctl.setPGDSig(k[len(k)-1])
+		} else {
+			if len(d.cand) > 64 {
+				clear(d.cand)
+			}
+			d.cand[k] = gpa
+			return false
+		}
+	}
+	return k == *d.ref && g.userPresent(gpa)
+}
+
+func modeOf(r cpuRegs) (vasmon.Mode, bool) {
+	switch {
+	case r.CR0&(1<<31) == 0: // paging off
+		return 0, false
+	case r.EFER&(1<<10) != 0 && r.CR4&(1<<12) != 0: // LMA, LA57
+		return vasmon.Mode5, true
+	case r.EFER&(1<<10) != 0:
+		return vasmon.Mode4, true
+	}
+	return 0, false // 32-bit and PAE paging: not a Linux x86-64 guest
+}
+
+func (g *Guest) sample(d *detector) {
+	if d.failed {
+		return
+	}
+	t0 := time.Now()
+	out, err := g.qmp.hmp("info registers -a")
+	g.ls.samples.Add(1)
+	g.ls.sampleNs.Add(uint64(time.Since(t0)))
+	if err != nil {
+		d.failed = true // QEMU has exited or is exiting
+		return
+	}
+	regs, err := parseRegisters(out)
+	if err != nil {
+		d.failed = true
+		return
+	}
+	for _, r := range regs {
+		mode, ok := modeOf(r)
+		if !ok {
+			g.ls.unsupported.Add(1)
+			continue
+		}
+		gpa := mode.RootGPA(r.CR3)
+		if _, known := g.roots.Load(gpa); known || !g.ram.InRAM(gpa, vasmon.PageSize) {
+			continue
+		}
+		if !g.isPGD(d, gpa, mode) {
+			g.ls.notPGD.Add(1)
+			continue
+		}
+		if !g.cfg.NullConsumer {
+			g.startRoot(gpa, mode)
+		}
+	}
+}
+
+// birth starts a root for a new top-level table: its user half is still
+// empty, so every table linked into it is hooked as it is linked.
+//
+// A birth on the page of a live root is the same PGD: Linux's memcpy stores
+// the last entry twice (its loop, then an overlapping tail store), or the
+// root was started after this birth's record was drained and already covers
+// the page's current content. A birth on the page of a dying root (its
+// death is queued behind) is a new PGD: the old root is stopped first.
+func (g *Guest) birth(d *detector, gpa uint64) {
+	if st, known := g.roots.Load(gpa); known {
+		if !st.dying.Load() {
+			return
+		}
+		g.stopRoot(st)
+	}
+	if d.ref == nil || !g.ram.InRAM(gpa, vasmon.PageSize) {
+		return
+	}
+	if g.kernelHalf(gpa) != *d.ref {
+		g.ls.badBirths.Add(1)
+		return
+	}
+	if !g.cfg.NullConsumer {
+		g.startRoot(gpa, d.mode)
+	}
+}
+
+func (g *Guest) startRoot(gpa uint64, mode vasmon.Mode) {
+	st := &rootState{gpa: gpa, info: &backends.RootInfo{VM: g.ID, CR3: gpa, Mode: mode,
+		Name: fmt.Sprintf("vm%d/cr3 %#x", g.ID, gpa)}}
+	// Registered before Start hooks the page, so that the drainer watches
+	// every write to it from the moment it is protected.
+	g.roots.Store(gpa, st)
+	g.setRootBit(gpa, true)
+	r, err := g.host.Start(g.ctx, g.ID, gpa, mode, g.req.Monitored, g.req.Callback, st.info, g.req.Options)
+	if err != nil {
+		g.ls.startFailed.Add(1)
+		g.roots.Delete(gpa)
+		g.setRootBit(gpa, false)
+		return
+	}
+	st.root.Store(r)
+	g.ls.started.Add(1)
+	g.ls.live.Add(1)
+	// If the drainer flagged it during Start, its opDeath is queued.
+}
+
+func (g *Guest) stopRoot(st *rootState) {
+	r := st.root.Load()
+	if r == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := g.host.Stop(ctx, r); err != nil && !errors.Is(err, vasmon.ErrUnknownRoot) {
+		g.ls.stopFailed.Add(1)
+	}
+	g.ls.stopped[st.why.Load()].Add(1)
+	g.ls.live.Add(-1)
+	st.root.Store(nil)
+	g.roots.Delete(st.gpa)
+	g.setRootBit(st.gpa, false)
+}
+
+// recheck stops roots whose kernel half is no longer the reference.
+func (g *Guest) recheck(d *detector) {
+	if d.ref == nil {
+		return
+	}
+	var dead []*rootState
+	g.roots.Range(func(_ uint64, st *rootState) bool {
+		if st.root.Load() != nil && g.kernelHalf(st.gpa) != *d.ref && st.dying.CompareAndSwap(false, true) {
+			st.why.Store(whyCheck)
+			dead = append(dead, st)
+		}
+		return true
+	})
+	for _, st := range dead {
+		g.stopRoot(st)
+	}
+}

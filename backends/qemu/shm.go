@@ -1,0 +1,261 @@
+package qemu
+
+import (
+	"fmt"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// The control file shared with plugin/ptstore.c: a header page pair, the
+// bitmap of write-protected guest pages (one bit per 4 KiB page) and the
+// ring of store records. The constants and structs here must agree with the
+// plugin's (both assert the offsets).
+const (
+	ctlMagic    = 0x3153545051534156 // "VASQPTS1"
+	ctlVersion  = 1
+	maxVCPUs    = 64
+	ctlHdrBytes = 8192
+)
+
+type vcpuCounters struct {
+	Stores, IO, Records, Waits, WaitNs, CrossPage uint64
+	_                                             [2]uint64
+}
+
+type ctlHeader struct {
+	Magic       uint64
+	Version     uint32
+	MaxVCPUs    uint32
+	RingSlots   uint64
+	BitmapPages uint64
+	RAMBytes    uint64
+	Attached    uint32
+	SMPVCPUs    uint32
+	_           [2]uint64
+	Head        uint64 // offset 64: next slot producers reserve
+	_           [7]uint64
+	Tail        uint64 // offset 128: next slot the Go side consumes
+	_           [7]uint64
+	Drops       uint64 // offset 192
+	PGDSig      uint64 // offset 200: entry 511 of the reference PGD; 0: unknown
+	_           [6]uint64
+	VCPU        [maxVCPUs]vcpuCounters // offset 256
+}
+
+// record is one store to a protected page, per 8-byte entry touched.
+type record struct {
+	Seq      uint64 // slot number + 1 once complete
+	GPA      uint64 // 8-byte aligned entry address
+	Val      uint64 // the entry after the store
+	RIP      uint64
+	TS       int64 // CLOCK_MONOTONIC ns
+	VCPU     uint32
+	Size     uint32 // bytes of the store
+	StoreGPA uint64
+	Kind     uint32 // recEntry or recPGD
+	_        uint32
+}
+
+// Record kinds.
+const (
+	recEntry = 0 // a store to a protected page: GPA and Val are the entry
+	recPGD   = 1 // a page completed with the PGD signature: GPA is the page
+)
+
+// Compile-time layout checks (an index out of range fails the build).
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Head)-64]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Tail)-128]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Drops)-192]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.VCPU)-256]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.PGDSig)-200]
+var _ = [1]struct{}{}[unsafe.Offsetof(record{}.Kind)-56]
+var _ = [1]struct{}{}[unsafe.Sizeof(record{})-64]
+var _ = [1]struct{}{}[unsafe.Sizeof(vcpuCounters{})-64]
+
+// control is the Go side's mapping of a control file.
+type control struct {
+	path   string
+	buf    []byte
+	hdr    *ctlHeader
+	bitmap []uint64
+	ring   []record
+	mask   uint64
+	tail   uint64 // consumer position (only the drainer touches it)
+}
+
+func bitmapBytes(pages uint64) uint64 { return ((pages+63)/64*8 + 4095) &^ 4095 }
+
+// newControl creates the control file at path for a guest of ramBytes.
+func newControl(path string, ramBytes uint64, slots int) (*control, error) {
+	if slots <= 0 || slots&(slots-1) != 0 {
+		return nil, fmt.Errorf("qemu: ring slots %d: must be a power of two", slots)
+	}
+	pages := ramBytes / vasmon.PageSize
+	size := ctlHdrBytes + bitmapBytes(pages) + uint64(slots)*uint64(unsafe.Sizeof(record{}))
+	buf, err := mapFile(path, size, true)
+	if err != nil {
+		return nil, err
+	}
+	c := &control{path: path, buf: buf, hdr: (*ctlHeader)(unsafe.Pointer(&buf[0])), mask: uint64(slots - 1)}
+	bm := buf[ctlHdrBytes : ctlHdrBytes+bitmapBytes(pages)]
+	c.bitmap = unsafe.Slice((*uint64)(unsafe.Pointer(&bm[0])), len(bm)/8)
+	rb := buf[ctlHdrBytes+bitmapBytes(pages):]
+	c.ring = unsafe.Slice((*record)(unsafe.Pointer(&rb[0])), slots)
+	h := c.hdr
+	h.Version, h.MaxVCPUs, h.RingSlots, h.BitmapPages, h.RAMBytes = ctlVersion, maxVCPUs, uint64(slots), pages, ramBytes
+	atomic.StoreUint64(&h.Magic, ctlMagic)
+	return c, nil
+}
+
+// mapFile creates (truncating) a file of size bytes and maps it shared,
+// read-write if rw, else read-only.
+func mapFile(path string, size uint64, rw bool) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if err := f.Truncate(int64(size)); err != nil {
+		return nil, err
+	}
+	prot := unix.PROT_READ
+	if rw {
+		prot |= unix.PROT_WRITE
+	}
+	b, err := unix.Mmap(int(f.Fd()), 0, int(size), prot, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: mmap %s: %w", path, err)
+	}
+	return b, nil
+}
+
+func (c *control) close() {
+	if c.buf != nil {
+		_ = unix.Munmap(c.buf)
+		c.buf = nil
+	}
+	_ = os.Remove(c.path)
+}
+
+func (c *control) attached() bool { return atomic.LoadUint32(&c.hdr.Attached) != 0 }
+func (c *control) head() uint64   { return atomic.LoadUint64(&c.hdr.Head) }
+func (c *control) drops() uint64  { return atomic.LoadUint64(&c.hdr.Drops) }
+
+// setPGDSig publishes the value that marks a new top-level table.
+func (c *control) setPGDSig(v uint64) { atomic.StoreUint64(&c.hdr.PGDSig, v) }
+
+// consume calls f for each complete record in order, at most max of them,
+// releases their slots and returns how many it consumed. It stops at the
+// first slot reserved but not yet complete.
+func (c *control) consume(max int, f func(*record)) int {
+	n := 0
+	for ; n < max; n++ {
+		r := &c.ring[c.tail&c.mask]
+		if atomic.LoadUint64(&r.Seq) != c.tail+1 {
+			break
+		}
+		f(r)
+		c.tail++
+	}
+	if n > 0 {
+		atomic.StoreUint64(&c.hdr.Tail, c.tail)
+	}
+	return n
+}
+
+// protect sets or clears the bit of the page at gpa. The atomic OR is a full
+// barrier: a read of the page after it sees every store the plugin did not
+// report (the plugin fences between a store and its bitmap test).
+func (c *control) protect(gpa uint64, on bool) error {
+	pfn := gpa / vasmon.PageSize
+	if gpa%vasmon.PageSize != 0 || pfn >= c.hdr.BitmapPages {
+		return fmt.Errorf("qemu: cannot protect %#x: not a page of guest RAM", gpa)
+	}
+	w, bit := &c.bitmap[pfn/64], uint64(1)<<(pfn%64)
+	if on {
+		atomic.OrUint64(w, bit)
+	} else {
+		atomic.AndUint64(w, ^bit)
+	}
+	return nil
+}
+
+// Counters are the plugin's counters, summed over vCPUs.
+type Counters struct {
+	Stores    uint64 // guest stores seen by the plugin (RAM and io)
+	IO        uint64 // of which to io, skipped
+	Records   uint64 // records pushed: stores to protected pages, per entry
+	Waits     uint64 // pushes that found the ring full and waited
+	WaitNs    uint64 // total time vCPUs waited for room in the ring
+	CrossPage uint64 // stores that crossed a page boundary
+	Drops     uint64 // records lost after a vCPU waited 10 s for room: must be 0
+}
+
+func (c *control) counters() Counters {
+	var s Counters
+	for i := range c.hdr.VCPU {
+		v := &c.hdr.VCPU[i]
+		s.Stores += atomic.LoadUint64(&v.Stores)
+		s.IO += atomic.LoadUint64(&v.IO)
+		s.Records += atomic.LoadUint64(&v.Records)
+		s.Waits += atomic.LoadUint64(&v.Waits)
+		s.WaitNs += atomic.LoadUint64(&v.WaitNs)
+		s.CrossPage += atomic.LoadUint64(&v.CrossPage)
+	}
+	s.Drops = c.drops()
+	return s
+}
+
+// ram is guest RAM as the monitor reads it: the memory-backend-file mapped
+// read-only. With the pc machine and at most 2 GiB of RAM, guest RAM is
+// contiguous from GPA 0 and file offset == GPA (larger guests get RAM above
+// 4 GiB at a different file offset; Config refuses them). The legacy hole
+// 0xA0000-0xFFFFF reads the backing file, not what the guest sees there; no
+// page table lives in it.
+type ram struct {
+	path string
+	buf  []byte
+}
+
+func newRAM(path string, size uint64) (*ram, error) {
+	// QEMU maps the file shared; we create it at its full size first so it
+	// can be mapped before QEMU starts.
+	b, err := mapFile(path, size, false)
+	if err != nil {
+		return nil, err
+	}
+	return &ram{path: path, buf: b}, nil
+}
+
+// Read implements vasmon.Memory.
+func (m *ram) Read(gpa uint64, dst []byte) error {
+	if !m.InRAM(gpa, uint64(len(dst))) {
+		return fmt.Errorf("qemu: read [%#x, +%d) outside guest RAM", gpa, len(dst))
+	}
+	copy(dst, m.buf[gpa:])
+	return nil
+}
+
+// InRAM implements vasmon.Memory.
+func (m *ram) InRAM(gpa, n uint64) bool {
+	size := uint64(len(m.buf))
+	return gpa < size && n <= size-gpa
+}
+
+// word returns the aligned 8-byte word at gpa (which must be in RAM).
+func (m *ram) word(gpa uint64) uint64 {
+	return atomic.LoadUint64((*uint64)(unsafe.Pointer(&m.buf[gpa&^7])))
+}
+
+func (m *ram) close() {
+	if m.buf != nil {
+		_ = unix.Munmap(m.buf)
+		m.buf = nil
+	}
+	_ = os.Remove(m.path)
+}

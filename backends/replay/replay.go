@@ -1,0 +1,385 @@
+// Package replay is the backend that replays a trace (package trace) into an
+// engine.Host, without the guest it was recorded from.
+//
+// # Contract
+//
+// Ownership: Run owns, per VM of the trace, a sparse guestmem.Memory of the
+// recorded RAM size and a Protector that records the set of protected pages.
+// It applies the records in stream order: a Page record's content and each
+// event's bytes are written to the VM's memory, then the events are submitted
+// (consecutive events of one VM in batches of up to 256, stamped at
+// submission); VMs are added and removed, roots started and stopped (with the
+// request's monitored bits, callback and options, or the recorded ones with
+// AsRecorded; the callback's context is a *backends.RootInfo). When Run
+// returns, the VMs and roots the trace left registered stay registered with
+// the host (Summary.Live holds them), so a caller can inspect them.
+//
+// Pages hooked early: the engine hooks a table asynchronously, so the replay
+// engine may hook a page (and read it) before the reader reaches the Page
+// record the recording engine wrote for the same hook. When a Page record
+// changes a page that is protected at that moment, Run submits one 8-byte
+// write event (without old value) per word that changed, as a backend would
+// trap the guest's stores; the engine compares each with its copy, so every
+// root still satisfies the oracle against the replayed memory. Protection
+// precedes reading in the engine, so a page not yet protected when its Page
+// record is written is read with that content. Summary.Synthetic counts those
+// events.
+//
+// Roots: before starting a root, Run waits until the events it submitted
+// have been processed, if the host has a Sync method (engine.Engine does). The
+// engine builds a new root from the copies it holds of pages already hooked
+// for other roots without applying the events still queued for them, so a
+// root started with its VM's events queued starts from an older tree than
+// guest memory shows (the simulator's tests work around the same issue).
+//
+// Timing: at Speed 0 records are applied as fast as the host takes them; at
+// Speed s > 0, at s times the recorded pace. The clock is read about once
+// per millisecond of replay (s milliseconds of trace time), after the pending
+// batch is submitted, and Run sleeps when it is ahead.
+//
+// Damage: without Options.Salvage a damaged trace ends Run with the trace's
+// error (the records before it have been applied: the stream is not checked
+// ahead); with it, Run stops cleanly at the first damaged block and reports
+// the damage in Summary.Damage.
+//
+// Concurrency: Run is one goroutine (plus the host's); memory is written only
+// by it, and read by the host's workers concurrently.
+//
+// Allocation: the trace is read block by block (constant memory); the event
+// path allocates only guest pages written for the first time.
+package replay
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/guestmem"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/trace"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// Speeds.
+const (
+	Max      = 0 // as fast as the host takes the events
+	Recorded = 1 // the recorded pace
+)
+
+// Options configure a replay.
+type Options struct {
+	Speed   float64 // 0: maximum; 1: recorded; s: s times the recorded pace
+	Salvage bool    // stop cleanly at the first damaged block
+	Request backends.Request
+	// AsRecorded starts roots with the recorded monitored bits and options
+	// instead of the request's (the request's callback is used either way).
+	AsRecorded bool
+	// OnStart, if set, runs after each root starts, before the next record
+	// is applied (a test can walk the tree there).
+	OnStart func(r *vasmon.Root, mem *guestmem.Memory)
+	// Batch is the most events submitted at once; 0: 256.
+	Batch int
+}
+
+// Summary says what a replay did.
+type Summary struct {
+	Records   int64 // records applied
+	Events    int64 // events of the trace submitted
+	Synthetic int64 // write events made up for pages hooked before their Page record
+	Pages     int64 // Page records applied
+	Skipped   int64 // records of a VM not registered (e.g. events that raced a RemoveVM)
+	VMs       int   // VMs added
+	Roots     int   // roots started
+	Bytes     int64 // trace bytes read
+	Span      time.Duration
+	Damage    error               // with Salvage: the damage that ended the trace early
+	Live      map[vasmon.VMID]*VM // VMs registered when Run returned
+}
+
+// VM is a replayed guest.
+type VM struct {
+	ID    vasmon.VMID
+	Mem   *guestmem.Memory
+	Roots map[uint64]*vasmon.Root // running roots by CR3
+	prot  *protector
+}
+
+// Protected returns the number of pages the host has protected.
+func (v *VM) Protected() int { return v.prot.count() }
+
+type player struct {
+	ctx   context.Context
+	host  engine.Host
+	opts  Options
+	sum   *Summary
+	tr    *trace.Reader
+	batch []shard.Event
+	bvm   vasmon.VMID
+	old   [trace.PageSize]byte
+
+	paced     bool
+	t0, check int64
+	w0        time.Time
+}
+
+// Run replays the trace read from r into host until its end, the first error
+// or ctx's end, and returns what it did (also on error).
+func Run(ctx context.Context, host engine.Host, r io.Reader, opts Options) (*Summary, error) {
+	sum := &Summary{Live: make(map[vasmon.VMID]*VM)}
+	tr, err := trace.NewReader(r, trace.ReaderOptions{Salvage: opts.Salvage})
+	if err != nil {
+		return sum, err
+	}
+	if opts.Batch <= 0 {
+		opts.Batch = 256
+	}
+	if opts.Speed < 0 {
+		return sum, fmt.Errorf("replay: speed %v must not be negative", opts.Speed)
+	}
+	if opts.Request.Callback == nil {
+		opts.Request.Callback = func(any, uint64, uint64, uint64, uint64) {}
+	}
+	p := &player{ctx: ctx, host: host, opts: opts, sum: sum, tr: tr, batch: make([]shard.Event, 0, opts.Batch)}
+	err = p.run()
+	if ferr := p.flush(); err == nil {
+		err = ferr
+	}
+	sum.Bytes = tr.Bytes()
+	sum.Damage = tr.Damage()
+	return sum, err
+}
+
+func (p *player) run() error {
+	first := true
+	for n := 0; ; n++ {
+		if n%256 == 0 {
+			if err := p.ctx.Err(); err != nil {
+				return err
+			}
+		}
+		rec, err := p.tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if first {
+			p.t0, p.w0, p.check, first = rec.Time, time.Now(), rec.Time, false
+		}
+		p.sum.Span = time.Duration(max(rec.Time-p.t0, int64(p.sum.Span)))
+		if p.opts.Speed > 0 && rec.Time >= p.check {
+			if err := p.pace(rec.Time); err != nil {
+				return err
+			}
+		}
+		if err := p.apply(rec); err != nil {
+			return fmt.Errorf("replay: %v record at offset %d: %w", rec.Kind, p.tr.Offset(), err)
+		}
+		p.sum.Records++
+	}
+}
+
+// pace sleeps until the wall-clock time of trace time t, after submitting
+// what is pending, and sets when to look at the clock next.
+func (p *player) pace(t int64) error {
+	if err := p.flush(); err != nil {
+		return err
+	}
+	p.check = t + int64(float64(time.Millisecond)*p.opts.Speed)
+	d := time.Until(p.w0.Add(time.Duration(float64(t-p.t0) / p.opts.Speed)))
+	if d < 200*time.Microsecond {
+		return nil
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-tm.C:
+		return nil
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
+}
+
+func (p *player) apply(rec *trace.Record) error {
+	v := p.sum.Live[rec.VM]
+	if v == nil && rec.Kind != trace.KindVMAdd {
+		p.sum.Skipped++
+		return nil
+	}
+	switch rec.Kind {
+	case trace.KindEvent:
+		var b [8]byte
+		binary.LittleEndian.PutUint64(b[:], rec.Data)
+		_ = v.Mem.Write(rec.GPA, b[:rec.Size]) // outside RAM: the engine ignores it too
+		p.sum.Events++
+		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: rec.Old, RIP: rec.RIP,
+			Size: rec.Size, HasOld: rec.HasOld})
+	case trace.KindPage:
+		p.sum.Pages++
+		return p.page(v, rec.GPA, rec.Page)
+	}
+	if err := p.flush(); err != nil {
+		return err
+	}
+	switch rec.Kind {
+	case trace.KindVMAdd:
+		if v != nil {
+			return fmt.Errorf("VM %d: %w", rec.VM, vasmon.ErrVMExists)
+		}
+		v = &VM{ID: rec.VM, Mem: guestmem.New(rec.RAM), Roots: make(map[uint64]*vasmon.Root),
+			prot: &protector{pages: make(map[uint64]struct{})}}
+		if err := p.host.AddVM(rec.VM, v.Mem, v.prot, rec.MaxTables); err != nil {
+			return fmt.Errorf("add VM %d: %w", rec.VM, err)
+		}
+		p.sum.Live[rec.VM] = v
+		p.sum.VMs++
+	case trace.KindVMRemove:
+		if err := p.host.RemoveVM(p.ctx, rec.VM); err != nil {
+			return fmt.Errorf("remove VM %d: %w", rec.VM, err)
+		}
+		delete(p.sum.Live, rec.VM)
+	case trace.KindRootStart:
+		req := p.opts.Request
+		mon, opts := req.Monitored, req.Options
+		if p.opts.AsRecorded {
+			mon, opts = rec.Monitored, rec.Opts
+		}
+		name := rec.Name
+		if name == "" {
+			name = fmt.Sprintf("vm%d/cr3 %#x", rec.VM, rec.CR3)
+		}
+		info := &backends.RootInfo{VM: rec.VM, CR3: rec.CR3, Mode: rec.Mode, Name: name}
+		if s, ok := p.host.(syncer); ok {
+			if err := s.Sync(p.ctx); err != nil {
+				return err
+			}
+		}
+		root, err := p.host.Start(p.ctx, rec.VM, rec.CR3, rec.Mode, mon, req.Callback, info, opts)
+		if err != nil {
+			return fmt.Errorf("start root %#x (%v) of VM %d: %w", rec.CR3, rec.Mode, rec.VM, err)
+		}
+		v.Roots[rec.CR3] = root
+		p.sum.Roots++
+		if p.opts.OnStart != nil {
+			p.opts.OnStart(root, v.Mem)
+		}
+	case trace.KindRootStop:
+		root := v.Roots[rec.CR3]
+		if root == nil {
+			p.sum.Skipped++
+			return nil
+		}
+		delete(v.Roots, rec.CR3)
+		if err := p.host.Stop(p.ctx, root); err != nil {
+			return fmt.Errorf("stop root %#x of VM %d: %w", rec.CR3, rec.VM, err)
+		}
+	}
+	return nil
+}
+
+// syncer is a host that can wait until the events submitted so far are
+// processed (engine.Engine).
+type syncer interface{ Sync(context.Context) error }
+
+// page writes a Page record's content to memory; if the page is protected
+// already, the words that changed are submitted as writes (see the package
+// comment). The protection is tested after the memory is written.
+func (p *player) page(v *VM, gpa uint64, data []byte) error {
+	if v.Mem.Read(gpa, p.old[:]) != nil || bytes.Equal(p.old[:], data) {
+		return nil
+	}
+	_ = v.Mem.Write(gpa, data)
+	if !v.prot.has(gpa) {
+		return nil
+	}
+	for i := 0; i < trace.PageSize; i += 8 {
+		o, n := binary.LittleEndian.Uint64(p.old[i:]), binary.LittleEndian.Uint64(data[i:])
+		if o != n {
+			p.sum.Synthetic++
+			if err := p.add(v.ID, shard.Event{GPA: gpa + uint64(i), Data: n, Size: 8}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// add queues an event of vm, submitting the batch first if it is of another
+// VM, and after if it is full.
+func (p *player) add(vm vasmon.VMID, ev shard.Event) error {
+	if len(p.batch) > 0 && vm != p.bvm {
+		if err := p.flush(); err != nil {
+			return err
+		}
+	}
+	p.bvm = vm
+	p.batch = append(p.batch, ev)
+	if len(p.batch) == cap(p.batch) {
+		return p.flush()
+	}
+	return nil
+}
+
+// flush submits the pending batch. In the engine's non-blocking mode it
+// retries what a full queue refused.
+func (p *player) flush() error {
+	b := p.batch
+	p.batch = p.batch[:0]
+	for len(b) > 0 {
+		n, err := p.host.Submit(p.bvm, b)
+		b = b[n:]
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, engine.ErrOverload) {
+			return fmt.Errorf("submit to VM %d: %w", p.bvm, err)
+		}
+		select {
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		case <-time.After(50 * time.Microsecond):
+		}
+	}
+	return nil
+}
+
+// protector is a VM's write protection: the set of protected pages.
+type protector struct {
+	mu    sync.Mutex
+	pages map[uint64]struct{}
+}
+
+func (p *protector) Protect(gpa uint64) error {
+	p.mu.Lock()
+	p.pages[gpa&^(trace.PageSize-1)] = struct{}{}
+	p.mu.Unlock()
+	return nil
+}
+
+func (p *protector) Unprotect(gpa uint64) error {
+	p.mu.Lock()
+	delete(p.pages, gpa&^(trace.PageSize-1))
+	p.mu.Unlock()
+	return nil
+}
+
+func (p *protector) has(gpa uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.pages[gpa&^(trace.PageSize-1)]
+	return ok
+}
+
+func (p *protector) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pages)
+}
