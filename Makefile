@@ -7,7 +7,7 @@ RACE_PKGS := ./shard/... ./engine/... ./guestmem/... ./backends/... ./trace/... 
 FUZZTIME ?= 20s
 BENCHTIME ?= 1s
 
-.PHONY: all build run test test-race fuzz bench bench-report profile lint clean qemu
+.PHONY: all build run test test-qemu test-race fuzz bench bench-report profile lint clean qemu
 
 all: build
 
@@ -24,6 +24,10 @@ test:
 	$(GO) vet $(PKGS)
 	$(GO) test -count=1 $(PKGS)
 	$(GO) test -count=1 -short -race $(RACE_PKGS)
+
+# The real-Linux QEMU tests (boot Debian's kernel under TCG; ~1 min).
+test-qemu:
+	VASENGINE_QEMU=1 $(GO) test -count=1 -v -run 'TestLinux|TestRun' ./backends/qemu/
 
 # A bounded run of every fuzz target.
 fuzz:
