@@ -353,6 +353,7 @@ func plotLatency(rs map[string]result, path string) error {
 	budget.Dashes = []vg.Length{vg.Points(4), vg.Points(4)}
 	p.Add(budget)
 	p.Legend.Add("budget 20 us", budget)
+	p.Y.Min = min(p.Y.Min, 10) // keep the budget line in view
 	p.Legend.Top = true
 	p.Legend.Left = true
 	return p.Save(7*vg.Inch, 4*vg.Inch, path)
@@ -364,7 +365,7 @@ func plotThroughput(rs map[string]result, path string) error {
 		return nil
 	}
 	p := plot.New()
-	p.Title.Text = "Throughput against shards (closed loop, producers on the same CPUs)"
+	p.Title.Text = "Throughput against shards (closed loop)"
 	p.X.Label.Text = "shards"
 	p.Y.Label.Text = "million events/s"
 	byBatch := map[int]plotter.XYs{}
@@ -396,6 +397,8 @@ func plotThroughput(rs map[string]result, path string) error {
 			p.Legend.Add(b.label, f)
 		}
 	}
+	p.Y.Min = 0
+	p.Y.Max *= 1.4 // room for the legend
 	p.Legend.Top = true
 	return p.Save(7*vg.Inch, 4*vg.Inch, path)
 }

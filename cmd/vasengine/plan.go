@@ -1,0 +1,483 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/backends/sim"
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/plan"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/trace"
+	"github.com/vasengine/vasengine/vasmon"
+)
+
+// planFlags are plan's flags.
+type planFlags struct {
+	engineFlags
+	fromReport, tracePath, promPath, promTime string
+	profile                                   string
+	vmRate, headroom, vmBurst                 float64
+	vcpus, vms                                int
+	mem, plotPath                             string
+	step                                      time.Duration
+	quick                                     bool
+	seed                                      uint64
+}
+
+// defaultVMRate is -vm-rate's default, the same as run's -rate.
+const defaultVMRate = 20000
+
+// cmdPlan is "vasengine plan": how many VMs this host can monitor within the
+// latency budget, from the engine's cost curve measured now (or read from a
+// saved benchmark output) and a workload per VM (a simulator profile at a
+// given rate, a recorded trace, or a Prometheus snapshot). See package plan.
+func cmdPlan(args []string, stdout, stderr io.Writer) error {
+	var f planFlags
+	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+	all := flag.NewFlagSet("", flag.ContinueOnError)
+	f.engineFlags.register(all)
+	for _, name := range []string{"shards", "cpus", "batch", "queue-depth", "budget", "nonblocking"} {
+		fl := all.Lookup(name)
+		fs.Var(fl.Value, name, fl.Usage)
+	}
+	fs.StringVar(&f.fromReport, "from-report", "", "read the cost curve from this saved `go test -bench` output (BenchmarkLatency lines, e.g. bench/results/bench.txt) instead of measuring it")
+	fs.StringVar(&f.profile, "profile", "web", "simulator profile the cost curve is measured with, and the workload unless -trace or -prom (idle, web, build, forkstorm, windows)")
+	fs.Float64Var(&f.vmRate, "vm-rate", defaultVMRate, "events/s each VM produces under -profile (a profile has no rate of its own: say what your guests do)")
+	fs.StringVar(&f.tracePath, "trace", "", "take the workload from this recorded trace (rates per VM, bursts, tables)")
+	fs.StringVar(&f.promPath, "prom", "", "take the workload from this Prometheus text snapshot of vasengine's /metrics")
+	fs.StringVar(&f.promTime, "prom-time", "", "when the -prom snapshot was scraped (RFC 3339 or Unix seconds; default: its samples' timestamps, else the file's modification time)")
+	fs.IntVar(&f.vcpus, "vcpus", 2, "vCPUs per VM (of the planned VMs, and of the simulated ones)")
+	fs.IntVar(&f.vms, "vms", 8, "simulated VMs driving the engine while measuring")
+	fs.Float64Var(&f.headroom, "headroom", 0.2, "fraction of every resource (CPU rate within budget, queues, memory) kept free, in [0, 1)")
+	fs.StringVar(&f.mem, "mem", "", "host memory the tables may use, e.g. 8GiB (K, M, G, T are powers of 1024; default: half of MemTotal)")
+	fs.Float64Var(&f.vmBurst, "vm-burst", 0, "most events one VM submits within 1 ms (default: measured; for -prom, assumed)")
+	fs.StringVar(&f.plotPath, "plot", "plan.svg", "SVG plot of the curve, the budget and the plan (a folder: plan.svg in it)")
+	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
+	fs.BoolVar(&f.quick, "quick", false, "a short measurement (150 ms per point, 3 points): a smoke test, not a plan")
+	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return usagef("%v", err)
+	}
+	if fs.NArg() > 0 {
+		return usagef("plan: unexpected argument %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	cfg, err := f.engineFlags.config()
+	if err != nil {
+		return err
+	}
+	switch {
+	case !(f.headroom >= 0 && f.headroom < 1):
+		return usagef("-headroom %v: must be in [0, 1)", f.headroom)
+	case f.vcpus < 1 || f.vms < 1:
+		return usagef("-vcpus and -vms must be at least 1")
+	case !(f.vmRate > 0):
+		return usagef("-vm-rate %v: must be positive", f.vmRate)
+	case f.vmBurst < 0:
+		return usagef("-vm-burst %v: must not be negative", f.vmBurst)
+	case f.step <= 0:
+		return usagef("-step %v: must be positive", f.step)
+	case f.tracePath != "" && f.promPath != "":
+		return usagef("plan: -trace and -prom are two workloads: give one")
+	case set["vm-rate"] && (f.tracePath != "" || f.promPath != ""):
+		return usagef("plan: -vm-rate is for -profile; the rates come from the -trace or -prom file")
+	case set["prom-time"] && f.promPath == "":
+		return usagef("plan: -prom-time needs -prom")
+	}
+	if _, err := sim.LookupProfile(f.profile); err != nil {
+		return usagef("-profile: %v", err)
+	}
+	mem, err := memBytes(f.mem)
+	if err != nil {
+		return err
+	}
+	memNote := "memory for tables: -mem"
+	if f.mem == "" {
+		memNote = "memory for tables: half of MemTotal (set -mem)"
+	}
+	plotPath, err := resolvePlot(f.plotPath)
+	if err != nil {
+		return err
+	}
+
+	in := plan.Inputs{Budget: cfg.Budget, Headroom: f.headroom, Shards: cfg.Shards, QueueDepth: cfg.QueueDepth,
+		MemBytes: mem, MaxVMs: 1024} // engine.New's default MaxVMs (no flag changes it)
+	var bptNote string
+	if f.fromReport != "" {
+		pts, bpt, err := readReport(f.fromReport)
+		if err != nil {
+			return err
+		}
+		in.Curve = plan.Curve{Points: pts, Source: fmt.Sprintf("%s (BenchmarkLatency: its own engine configuration and workload, see bench/)", f.fromReport)}
+		in.BytesPerTable, bptNote = bpt, "bytes per table: BenchmarkStartMonitor/engine of "+f.fromReport
+	}
+	var wl *plan.Workload
+	switch {
+	case f.tracePath != "":
+		w, err := readTraceWorkload(f.tracePath)
+		if err != nil {
+			return err
+		}
+		w.Source = "trace " + f.tracePath
+		wl = &w
+	case f.promPath != "":
+		w, bpt, err := readPromWorkload(f.promPath, f.promTime, set["prom-time"])
+		if err != nil {
+			return err
+		}
+		w.Source = "Prometheus snapshot " + f.promPath
+		if f.vmBurst == 0 {
+			w.BurstPerVM = float64(64*f.vcpus) + w.PeakRate*plan.BurstWindow.Seconds()
+			w.Notes = append(w.Notes, "a snapshot has no bursts: assumed one 64-event batch per vCPU plus 1 ms of the busiest VM (set -vm-burst)")
+		}
+		if bpt > 0 {
+			in.BytesPerTable, bptNote = bpt, "bytes per table: table memory over hooked tables in the snapshot"
+		}
+		wl = &w
+	}
+
+	// Measure what the inputs do not give.
+	m := &measurer{cfg: cfg, sim: sim.Config{VMs: f.vms, VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed},
+		step: f.step, warm: 100 * time.Millisecond, stderr: stderr}
+	loads := []int{10, 25, 50, 75, 95}
+	if f.quick {
+		m.step, m.warm, loads = 150*time.Millisecond, 20*time.Millisecond, []int{30, 90}
+	}
+	var pts []plan.Point
+	if wl == nil || in.BytesPerTable == 0 {
+		r, err := m.phase("workload", f.vmRate, true)
+		if err != nil {
+			return err
+		}
+		pts = append(pts, r.pt)
+		if r.tables > 0 {
+			in.BytesPerTable = float64(r.bytes) / float64(r.tables)
+			bptNote = fmt.Sprintf("bytes per table: measured now in the simulator (profile %s, at the peak of %d hooked tables)", f.profile, r.tables)
+		}
+		if wl == nil {
+			wl = &plan.Workload{Source: fmt.Sprintf("simulator profile %s at %s events/s per VM (the rate given by -vm-rate)", f.profile, plan.SI(f.vmRate)),
+				VMs: f.vms, RatePerVM: f.vmRate, TablesPerVM: float64(r.tables) / float64(f.vms), BurstPerVM: float64(r.burst),
+				Notes: []string{fmt.Sprintf("tables and bursts measured in the simulator: %d VMs x %d vCPUs, %d processes each at start", f.vms, f.vcpus, m.sim.Processes)}}
+			if r.pt.Saturated {
+				wl.Notes = append(wl.Notes, fmt.Sprintf("the simulator made only %s of the %s events/s per VM asked (the profile or this host cannot go faster): the plan uses the rate asked",
+					plan.SI(r.pt.Achieved/float64(f.vms)), plan.SI(f.vmRate)))
+			}
+		}
+	}
+	if in.Curve.Points == nil {
+		top, err := m.phase("max", 0, false)
+		if err != nil {
+			return err
+		}
+		pts = append(pts, top.pt)
+		for _, pct := range loads {
+			r, err := m.phase(fmt.Sprintf("load=%d%%", pct), top.pt.Achieved*float64(pct)/100/float64(f.vms), false)
+			if err != nil {
+				return err
+			}
+			pts = append(pts, r.pt)
+		}
+		in.Curve = plan.Curve{Points: pts, Source: fmt.Sprintf("measured now on %s: %d shards, queue depth %d, batch %d; simulator profile %s, %d VMs x %d vCPUs on the same CPUs; %v a point, loads as %% of the closed-loop max",
+			machine(), cfg.Shards, cfg.QueueDepth, cfg.MaxBatch, f.profile, f.vms, f.vcpus, m.step)}
+	}
+	if f.vmBurst > 0 {
+		wl.BurstPerVM = f.vmBurst
+		wl.Notes = append(wl.Notes, "burst given by -vm-burst")
+	}
+	wl.VCPUsPerVM = f.vcpus
+	in.Workload = *wl
+	in.Notes = []string{memNote, bptNote}
+	p, err := plan.Compute(in)
+	if err != nil {
+		return usagef("plan: %v", err)
+	}
+	if err := p.WriteTable(stdout); err != nil {
+		return err
+	}
+	if err := p.WritePlot(plotPath); err != nil {
+		return fmt.Errorf("plan: plot: %w", err)
+	}
+	fmt.Fprintf(stdout, "plot: %s\n", plotPath)
+	return nil
+}
+
+// memBytes parses -mem, or returns half of the host's MemTotal.
+func memBytes(s string) (float64, error) {
+	if s == "" {
+		b, err := os.ReadFile("/proc/meminfo")
+		if err == nil {
+			for _, l := range strings.Split(string(b), "\n") {
+				var kb float64
+				if n, _ := fmt.Sscanf(l, "MemTotal: %g kB", &kb); n == 1 && kb > 0 {
+					return kb * 1024 / 2, nil
+				}
+			}
+		}
+		return 0, usagef("-mem: cannot read MemTotal from /proc/meminfo: give -mem")
+	}
+	num := strings.TrimRight(s, "KMGTkmgtiIbB")
+	unit := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(s[len(num):]), "B"), "I")
+	v, err := strconv.ParseFloat(num, 64)
+	shift := strings.Index("KMGT", unit) + 1
+	if err != nil || !(v > 0) || len(unit) > 1 || (unit != "" && shift == 0) {
+		return 0, usagef("-mem %q: want a size such as 8GiB, 512M or 1073741824", s)
+	}
+	if unit == "" {
+		shift = 0
+	}
+	return v * float64(uint64(1)<<(10*shift)), nil
+}
+
+// resolvePlot returns the plot's file: path, or plan.svg in it if it is a
+// folder. Its folder must exist.
+func resolvePlot(path string) (string, error) {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return filepath.Join(path, "plan.svg"), nil
+	}
+	if st, err := os.Stat(filepath.Dir(path)); err != nil || !st.IsDir() {
+		return "", usagef("-plot %s: no folder %s", path, filepath.Dir(path))
+	}
+	return path, nil
+}
+
+func readReport(path string) ([]plan.Point, float64, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return nil, 0, usagef("-from-report: %v", err)
+	}
+	defer file.Close()
+	pts, bpt, err := plan.ParseReport(file)
+	if err != nil {
+		return nil, 0, usagef("-from-report %s: %v", path, err)
+	}
+	return pts, bpt, nil
+}
+
+func readTraceWorkload(path string) (plan.Workload, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return plan.Workload{}, usagef("-trace: %v", err)
+	}
+	defer file.Close()
+	r, err := trace.NewReader(bufio.NewReaderSize(file, 1<<20), trace.ReaderOptions{})
+	if err != nil {
+		return plan.Workload{}, usagef("-trace %s: %v", path, err)
+	}
+	w, err := plan.ReadTrace(r)
+	if err != nil {
+		return plan.Workload{}, usagef("-trace %s: %v", path, err)
+	}
+	return w, nil
+}
+
+func readPromWorkload(path, at string, given bool) (plan.Workload, float64, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return plan.Workload{}, 0, usagef("-prom: %v", err)
+	}
+	defer file.Close()
+	st, err := file.Stat()
+	if err != nil {
+		return plan.Workload{}, 0, usagef("-prom: %v", err)
+	}
+	t := st.ModTime()
+	if given {
+		if t, err = parseTime(at); err != nil {
+			return plan.Workload{}, 0, err
+		}
+	}
+	snap, err := plan.ParseProm(file, t)
+	if err != nil {
+		return plan.Workload{}, 0, usagef("-prom %s: %v", path, err)
+	}
+	if given {
+		snap.At = t // the flag overrides the samples' timestamps
+		if !snap.At.After(snap.Start) {
+			return plan.Workload{}, 0, usagef("-prom-time %s: not after the process start %s", at, snap.Start.Format(time.RFC3339))
+		}
+	}
+	w, bpt := snap.Workload()
+	return w, bpt, nil
+}
+
+func parseTime(s string) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	if v, err := strconv.ParseFloat(s, 64); err == nil && v > 0 {
+		return time.Unix(0, int64(v*1e9)), nil
+	}
+	return time.Time{}, usagef("-prom-time %q: want RFC 3339 (2026-01-02T15:04:05Z) or Unix seconds", s)
+}
+
+func machine() string {
+	model := ""
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if name, ok := strings.CutPrefix(l, "model name"); ok {
+				model = " (" + strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(name), ":")) + ")"
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%d CPUs%s", runtime.NumCPU(), model)
+}
+
+// measurer runs the engine on the simulator, one fresh engine and
+// simulation per point.
+type measurer struct {
+	cfg        engine.Config
+	sim        sim.Config
+	step, warm time.Duration
+	stderr     io.Writer
+}
+
+type phaseResult struct {
+	pt            plan.Point
+	tables, bytes int64 // hooked tables at their peak, and their host bytes then
+	burst         int   // most events one VM submitted within 1 ms
+}
+
+// phase runs the simulator at rate events/s per VM (0: as fast as
+// possible) until its initial processes are monitored, lets it warm up,
+// then measures for the step: latency percentiles (the difference of the
+// histograms at both ends), events/s processed, the peak of hooked tables
+// and, if bursts, each VM's largest burst.
+func (m *measurer) phase(label string, rate float64, bursts bool) (phaseResult, error) {
+	var res phaseResult
+	e, err := engine.New(m.cfg)
+	if err != nil {
+		return res, usagef("%v", err)
+	}
+	defer e.Close()
+	sc := m.sim
+	sc.Rate = rate
+	s, err := sim.New(sc)
+	if err != nil {
+		return res, usagef("%v", err)
+	}
+	var host engine.Host = e
+	bh := &burstHost{Host: e}
+	if bursts {
+		host = bh
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, host, backends.Request{Monitored: backends.DefaultMonitored}) }()
+	ended := func(err error) error {
+		return fmt.Errorf("plan: %s: the simulation ended early: %v", label, err)
+	}
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	boot := time.Now()
+	for st := s.Stats(); st.RootsStarted+st.StartErrors < uint64(sc.VMs*sc.Processes) && time.Since(boot) < 10*time.Second; st = s.Stats() {
+		select {
+		case err := <-done:
+			return res, ended(err)
+		case <-tick.C:
+		}
+	}
+	sample := func() {
+		if st := e.Stats(); st.Tables > res.tables {
+			res.tables, res.bytes = st.Tables, st.HostBytes
+		}
+	}
+	var a, b engine.Stats
+	var ta, tb time.Time
+	for phase, d := range []time.Duration{m.warm, m.step} {
+		end := time.Now().Add(d)
+		for time.Now().Before(end) {
+			select {
+			case err := <-done:
+				return res, ended(err)
+			case <-tick.C:
+				sample()
+			}
+		}
+		if phase == 0 {
+			a, ta = e.Stats(), time.Now()
+			bh.on.Store(true)
+		}
+	}
+	b, tb = e.Stats(), time.Now()
+	bh.on.Store(false)
+	cancel()
+	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+		return res, fmt.Errorf("plan: %s: %w", label, err)
+	}
+	h := b.Latency
+	h.Sub(&a.Latency)
+	processed := b.Processed - a.Processed
+	if processed == 0 {
+		return res, fmt.Errorf("plan: %s: no event processed in %v (raise -step or -vm-rate)", label, m.step)
+	}
+	res.pt = plan.Point{Label: label, Offered: rate * float64(sc.VMs), Achieved: float64(processed) / tb.Sub(ta).Seconds(),
+		P50: time.Duration(h.Quantile(0.5)), P99: time.Duration(h.Quantile(0.99)), P999: time.Duration(h.Quantile(0.999))}
+	res.pt.Saturated = res.pt.Offered > 0 && res.pt.Achieved < plan.SaturationRatio*res.pt.Offered
+	res.burst = bh.max()
+	fmt.Fprintf(m.stderr, "plan: %-9s %10s events/s  p99 %v\n", label, plan.SI(res.pt.Achieved), time.Duration(h.Quantile(0.99)))
+	return res, nil
+}
+
+// burstHost passes everything to the engine and, while on, meters each
+// VM's bursts from its events' trap times.
+type burstHost struct {
+	engine.Host
+	on  atomic.Bool
+	vms sync.Map // vasmon.VMID -> *vmBurst
+}
+
+type vmBurst struct {
+	mu sync.Mutex
+	m  plan.BurstMeter
+}
+
+func (h *burstHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
+	if h.on.Load() {
+		v, _ := h.vms.LoadOrStore(vm, new(vmBurst))
+		b := v.(*vmBurst)
+		now := shard.Now()
+		b.mu.Lock()
+		for i := range evs {
+			t := evs[i].Trap
+			if t == 0 {
+				t = now
+			}
+			b.m.Add(t)
+		}
+		b.mu.Unlock()
+	}
+	return h.Host.Submit(vm, evs)
+}
+
+func (h *burstHost) max() int {
+	n := 0
+	h.vms.Range(func(_, v any) bool {
+		b := v.(*vmBurst)
+		b.mu.Lock()
+		n = max(n, b.m.Max)
+		b.mu.Unlock()
+		return true
+	})
+	return n
+}

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/common/expfmt"
+
+	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/backends/sim"
+	"github.com/vasengine/vasengine/engine"
+)
+
+// benchTxt is a saved `go test -bench ./bench/` output (trimmed).
+const benchTxt = `BenchmarkLatency/load=10%-2   200000   3828 ns/op   261686 offered-events/s   0.1 over-budget-%   6881 p50-ns   12020 p99-ns   35480 p999-ns
+BenchmarkLatency/load=50%-2   200000    884 ns/op  1308431 offered-events/s   9.5 over-budget-%  13538 p50-ns   35651 p99-ns   39845 p999-ns
+BenchmarkStartMonitor/engine-2   50   20000000 ns/op   200000 tables/s   4313 bytes/table
+`
+
+func writeFile(t *testing.T, name, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func checkPlan(t *testing.T, args []string, wants ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	code, out, stderr := runMain(append(append([]string{"plan"}, args...), "-plot", dir)...)
+	if code != 0 {
+		t.Fatalf("plan %v: exit %d\n%s%s", args, code, out, stderr)
+	}
+	for _, want := range append([]string{"cost curve:", "workload:", "constraint", "cpu", "queues", "memory", "vm slots", "\nplan: "}, wants...) {
+		if !strings.Contains(out, want) {
+			t.Fatalf("plan %v: the output lacks %q:\n%s", args, want, out)
+		}
+	}
+	svg, err := os.ReadFile(filepath.Join(dir, "plan.svg"))
+	if err != nil || !bytes.Contains(svg, []byte("<svg")) {
+		t.Fatalf("plan %v: no SVG plot: %v", args, err)
+	}
+	return out
+}
+
+// TestPlanQuick measures the cost curve now (briefly) and plans a profile.
+// What fits depends on the host and its load, so only the shape of the
+// answer is checked.
+func TestPlanQuick(t *testing.T) {
+	checkPlan(t, []string{"-quick", "-vms", "4", "-budget", "1ms", "-mem", "1GiB"},
+		"measured now on", "max", "load=90%", "simulator profile web", "<- binding", "1.0 GiB for tables")
+}
+
+// TestPlanFromReport: the curve from a saved bench output, the workload
+// from a profile (measured briefly for its tables and bursts).
+func TestPlanFromReport(t *testing.T) {
+	report := writeFile(t, "bench.txt", benchTxt)
+	// 20 us budget: crossing between 261.7k (12.0 us) and 1.31M (35.7 us)
+	// events/s, at 261686 + 7.98/23.631*1046745 = 615.2k.
+	checkPlan(t, []string{"-from-report", report, "-quick", "-vm-rate", "1000", "-headroom", "0"},
+		"rate within the budget (p99 <= 20µs): 615.2k events/s", "load=50%", "1000 events/s per VM")
+}
+
+// TestPlanTrace records a short trace and plans its workload on a saved curve.
+func TestPlanTrace(t *testing.T) {
+	tr := filepath.Join(t.TempDir(), "run.trace")
+	if code, _, stderr := runMain("record", "-o", tr, "-duration", "400ms", "-vms", "2", "-rate", "2000"); code != 0 {
+		t.Fatalf("record: exit %d: %s", code, stderr)
+	}
+	checkPlan(t, []string{"-trace", tr, "-from-report", writeFile(t, "bench.txt", benchTxt), "-vcpus", "4"},
+		"trace "+tr, "distinct table pages", "2 VMs", "4 vCPUs")
+}
+
+// TestPlanProm plans from a real scrape of the engine's registry.
+func TestPlanProm(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	reg := prometheus.NewRegistry()
+	if err := e.Register(reg); err != nil {
+		t.Fatal(err)
+	}
+	reg.MustRegister(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	s, err := sim.New(sim.Config{VMs: 3, Rate: 2000, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx, e, backends.Request{Monitored: backends.DefaultMonitored}) }()
+	time.Sleep(300 * time.Millisecond)
+	mfs, err := reg.Gather()
+	cancel()
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, mf := range mfs {
+		if err := enc.Encode(mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	prom := writeFile(t, "metrics.txt", buf.String())
+	out := checkPlan(t, []string{"-prom", prom, "-from-report", writeFile(t, "bench.txt", benchTxt)},
+		"Prometheus snapshot", "over the process's uptime", "a snapshot has no bursts")
+	if !strings.Contains(out, "busiest of 3 VMs") {
+		t.Fatalf("the snapshot's 3 VMs are not in the workload:\n%s", out)
+	}
+}
+
+// TestPlanUsageErrors: bad input ends with one line on stderr and exit
+// status 2, before anything is measured.
+func TestPlanUsageErrors(t *testing.T) {
+	dir := t.TempDir()
+	report := writeFile(t, "bench.txt", benchTxt)
+	noPoints := writeFile(t, "empty.txt", "PASS\nok  github.com/vasengine/vasengine/bench 1.0s\n")
+	notTrace := writeFile(t, "not.trace", "hello, world")
+	notProm := writeFile(t, "not.prom", "{{{ not an exposition")
+	for _, args := range [][]string{
+		{"-profile", "nope"},
+		{"-budget", "0"},
+		{"-budget", "-5us"},
+		{"-headroom", "1"},
+		{"-headroom", "-0.1"},
+		{"-vm-rate", "0"},
+		{"-vcpus", "0"},
+		{"-vms", "0"},
+		{"-shards", "0"},
+		{"-queue-depth", "1"},
+		{"-step", "0s"},
+		{"-vm-burst", "-1"},
+		{"-mem", "lots"},
+		{"-mem", "8XB"},
+		{"-from-report", filepath.Join(dir, "missing.txt")},
+		{"-from-report", noPoints},
+		{"-from-report", dir},
+		{"-trace", filepath.Join(dir, "missing.trace")},
+		{"-trace", notTrace},
+		{"-prom", filepath.Join(dir, "missing.prom")},
+		{"-prom", notProm},
+		{"-prom", notProm, "-trace", notTrace},
+		{"-prom-time", "2026-01-01T00:00:00Z"},
+		{"-trace", notTrace, "-vm-rate", "5"},
+		{"-from-report", report, "-plot", filepath.Join(dir, "no", "such", "plan.svg")},
+		{"-nosuchflag"},
+		{"extra-argument"},
+	} {
+		start := time.Now()
+		code, out, stderr := runMain(append([]string{"plan"}, args...)...)
+		if code != 2 {
+			t.Errorf("plan %v: exit %d, want 2 (stdout %q, stderr %q)", args, code, out, stderr)
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		if last := lines[len(lines)-1]; !strings.HasPrefix(last, "vasengine: ") {
+			t.Errorf("plan %v: last stderr line %q does not say what is wrong", args, last)
+		}
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("plan %v: the error took %v (measured first?)", args, d)
+		}
+	}
+}

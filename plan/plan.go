@@ -1,0 +1,261 @@
+// Package plan answers a capacity question from measurements: how many VMs
+// (and vCPUs) can this host monitor within a trap-to-callback latency
+// budget, with how much headroom, and which resource runs out first.
+//
+// # Contract
+//
+// Inputs, all measured or stated by the caller:
+//
+//   - a cost curve (Curve): points of offered and achieved events/s with
+//     the p50/p99/p99.9 latency at that load, measured on the host
+//     (vasengine plan runs the engine on the simulator) or read from a
+//     saved `go test -bench` output (ParseReport);
+//   - a workload per VM (Workload): events/s, tables hooked and the largest
+//     burst (events in 1 ms), from a simulator profile at a rate the user
+//     gives, a recorded trace (ReadTrace) or a Prometheus text snapshot of
+//     vasengine's /metrics (ParseProm);
+//   - the host's resources (Inputs): shards and queue depth, memory for
+//     tables and bytes per table, the engine's VM slots.
+//
+// Capacity (Compute): the rate the host sustains within the budget is the
+// rate at which the curve's p99 first exceeds it, linearly interpolated
+// between the last point within it and the first beyond (latency grows
+// convexly with load, so the chord is conservative); a saturated point (the
+// host could not keep up with the offered rate) counts as beyond. If no
+// point exceeds the budget, the highest measured rate is a lower bound
+// (Plan.Bounded is false). A fraction Headroom of every resource is kept
+// free, then
+//
+//	cpu:      floor(rate within budget × (1−headroom) / events/s per VM)
+//	queues:   floor(shards × queue depth × (1−headroom) / burst per VM)
+//	          (a burst of every VM at once fits in the queues)
+//	memory:   floor(memory × (1−headroom) / (tables per VM × bytes per table))
+//	vm slots: the engine's Config.MaxVMs
+//
+// and the plan is the smallest (the binding constraint); a resource the
+// workload does not use is Unbounded. vCPUs = VMs × vCPUs per VM.
+//
+// The package does no I/O but through the readers and writers it is given
+// and the file WritePlot writes; it runs nothing.
+package plan
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+	"time"
+)
+
+// Point is one measurement of the cost curve.
+type Point struct {
+	Label          string  // e.g. "load=50%", "max", "workload"
+	Offered        float64 // events/s offered; 0: closed loop (as fast as possible)
+	Achieved       float64 // events/s processed; 0: not measured (taken as Offered)
+	P50, P99, P999 time.Duration
+	// Saturated: the host did not keep up with the offered rate (achieved
+	// well below offered), so producers were held back and the latency
+	// understates the delay. Such a point is never within the budget.
+	Saturated bool
+}
+
+// Rate is the point's rate: what was achieved, or what was offered when
+// the achieved rate was not measured.
+func (p Point) Rate() float64 {
+	if p.Achieved > 0 {
+		return p.Achieved
+	}
+	return p.Offered
+}
+
+// SaturationRatio: a paced point whose achieved rate is below this fraction
+// of the offered one is saturated. The simulator's pacing is exact over a
+// run but bursty over 100 ms (±5% over a second), hence the margin.
+const SaturationRatio = 0.85
+
+// Curve is the engine's cost on a host: latency against load.
+type Curve struct {
+	Source string // where the points come from, for the report
+	Points []Point
+}
+
+// sorted returns the points by ascending rate.
+func (c *Curve) sorted() []Point {
+	ps := append([]Point(nil), c.Points...)
+	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Rate() < ps[j].Rate() })
+	return ps
+}
+
+// RateWithin returns the rate the host sustains with a p99 within budget
+// (see the package comment) and whether the curve crossed the budget
+// (false: the rate is only a lower bound).
+func (c *Curve) RateWithin(budget time.Duration) (rate float64, bounded bool) {
+	ps := c.sorted()
+	for i, p := range ps {
+		if !p.Saturated && p.P99 <= budget {
+			continue
+		}
+		if i == 0 {
+			return 0, true
+		}
+		q := ps[i-1]
+		if p.Saturated || p.P99 <= q.P99 {
+			return q.Rate(), true
+		}
+		f := float64(budget-q.P99) / float64(p.P99-q.P99)
+		return q.Rate() + f*(p.Rate()-q.Rate()), true
+	}
+	if len(ps) == 0 {
+		return 0, true
+	}
+	return ps[len(ps)-1].Rate(), false
+}
+
+// P99At interpolates the curve's p99 at rate: below the first point it is
+// the first point's (an upper estimate), beyond the last the last point's.
+func (c *Curve) P99At(rate float64) time.Duration {
+	ps := c.sorted()
+	if len(ps) == 0 {
+		return 0
+	}
+	if rate <= ps[0].Rate() {
+		return ps[0].P99
+	}
+	for i := 1; i < len(ps); i++ {
+		q, p := ps[i-1], ps[i]
+		if rate <= p.Rate() {
+			if p.Rate() == q.Rate() {
+				return max(p.P99, q.P99)
+			}
+			f := (rate - q.Rate()) / (p.Rate() - q.Rate())
+			return q.P99 + time.Duration(f*float64(p.P99-q.P99))
+		}
+	}
+	return ps[len(ps)-1].P99
+}
+
+// Workload is what one monitored VM costs.
+type Workload struct {
+	Source      string  // where the figures come from, for the report
+	VMs         int     // VMs the figures were taken over (0: not applicable)
+	RatePerVM   float64 // mean events/s per VM
+	PeakRate    float64 // the busiest VM's events/s (0: not known)
+	TablesPerVM float64 // page tables hooked per VM
+	BurstPerVM  float64 // most events one VM submitted within 1 ms
+	VCPUsPerVM  int
+	Notes       []string // assumptions the figures rest on
+}
+
+// Inputs are everything a plan is computed from.
+type Inputs struct {
+	Curve         Curve
+	Workload      Workload
+	Budget        time.Duration // p99 trap-to-callback latency budget
+	Headroom      float64       // fraction of every resource kept free, in [0, 1)
+	Shards        int
+	QueueDepth    int      // events per shard queue
+	MemBytes      float64  // host memory the tables may use
+	BytesPerTable float64  // host bytes per hooked table
+	MaxVMs        int      // engine VM slots (engine.Config.MaxVMs); 0: no limit
+	Notes         []string // where the host's figures come from, for the report
+}
+
+// Unbounded is the VM count of a constraint the workload does not use.
+const Unbounded = math.MaxInt32
+
+// Constraint is one resource and how many VMs it admits.
+type Constraint struct {
+	Name string
+	Need float64 // per VM
+	Have float64 // on the host, headroom taken off
+	Unit string  // of Need and Have
+	VMs  int     // floor(Have / Need), or Unbounded
+}
+
+// Plan is the answer.
+type Plan struct {
+	Inputs
+	RateWithin  float64 // events/s sustained with p99 within the budget
+	Bounded     bool    // false: the curve never exceeded the budget (RateWithin is a lower bound)
+	Constraints []Constraint
+	Binding     int           // index in Constraints of the smallest
+	VMs, VCPUs  int           // the plan (Unbounded when nothing binds)
+	Load        float64       // events/s of VMs VMs: the operating point
+	LoadP99     time.Duration // the curve's p99 at Load
+}
+
+// Constraint names.
+const (
+	CPU     = "cpu"
+	Queues  = "queues"
+	Memory  = "memory"
+	VMSlots = "vm slots"
+)
+
+// Compute checks the inputs and computes the plan.
+func Compute(in Inputs) (*Plan, error) {
+	w := in.Workload
+	switch {
+	case in.Budget <= 0:
+		return nil, fmt.Errorf("latency budget %v: must be positive", in.Budget)
+	case !(in.Headroom >= 0 && in.Headroom < 1):
+		return nil, fmt.Errorf("headroom %v: must be in [0, 1)", in.Headroom)
+	case len(in.Curve.Points) == 0:
+		return nil, errors.New("the cost curve has no points")
+	case in.Shards < 1 || in.QueueDepth < 1:
+		return nil, fmt.Errorf("%d shards of queue depth %d: need at least one of each", in.Shards, in.QueueDepth)
+	case !(w.RatePerVM >= 0 && w.TablesPerVM >= 0 && w.BurstPerVM >= 0 && in.MemBytes >= 0 && in.BytesPerTable >= 0) || in.MaxVMs < 0:
+		return nil, errors.New("rates, tables, bursts, memory and VM slots must not be negative")
+	case w.TablesPerVM > 0 && in.BytesPerTable == 0:
+		return nil, errors.New("bytes per table unknown")
+	}
+	p := &Plan{Inputs: in}
+	p.RateWithin, p.Bounded = in.Curve.RateWithin(in.Budget)
+	keep := 1 - in.Headroom
+	p.Constraints = []Constraint{
+		{Name: CPU, Need: w.RatePerVM, Have: p.RateWithin * keep, Unit: "events/s"},
+		{Name: Queues, Need: w.BurstPerVM, Have: float64(in.Shards*in.QueueDepth) * keep, Unit: "queued events"},
+		{Name: Memory, Need: w.TablesPerVM * in.BytesPerTable, Have: in.MemBytes * keep, Unit: "bytes"},
+	}
+	if in.MaxVMs > 0 {
+		p.Constraints = append(p.Constraints, Constraint{Name: VMSlots, Need: 1, Have: float64(in.MaxVMs), Unit: "VMs"})
+	}
+	for i := range p.Constraints {
+		c := &p.Constraints[i]
+		c.VMs = fit(c.Have, c.Need)
+		if c.VMs < p.Constraints[p.Binding].VMs {
+			p.Binding = i
+		}
+	}
+	p.VMs = p.Constraints[p.Binding].VMs
+	p.VCPUs = Unbounded
+	if p.VMs < Unbounded {
+		p.VCPUs = min(p.VMs*max(w.VCPUsPerVM, 1), Unbounded)
+		p.Load = float64(p.VMs) * w.RatePerVM
+		p.LoadP99 = in.Curve.P99At(p.Load)
+	}
+	return p, nil
+}
+
+// fit is how many needs fit in have.
+func fit(have, need float64) int {
+	if need <= 0 {
+		return Unbounded
+	}
+	return int(min(math.Floor(max(have, 0)/need), Unbounded-1))
+}
+
+// Use is the fraction of c's resource, headroom included, that n VMs use.
+func (c *Constraint) Use(n int, headroom float64) float64 {
+	full := c.Have
+	if c.Name != VMSlots {
+		full /= 1 - headroom
+	}
+	if full <= 0 {
+		if n == 0 || c.Need == 0 {
+			return 0
+		}
+		return math.Inf(1)
+	}
+	return float64(n) * c.Need / full
+}
