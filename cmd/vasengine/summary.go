@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/plan"
 	"github.com/vasengine/vasengine/vasmon"
 )
 
@@ -70,29 +71,9 @@ func (p *progress) finish() {
 	}
 }
 
-func si(v float64) string {
-	switch {
-	case v >= 1e9:
-		return fmt.Sprintf("%.2fG", v/1e9)
-	case v >= 1e6:
-		return fmt.Sprintf("%.2fM", v/1e6)
-	case v >= 1e3:
-		return fmt.Sprintf("%.1fk", v/1e3)
-	}
-	return fmt.Sprintf("%.0f", v)
-}
+func si(v float64) string { return plan.SI(v) }
 
-func bytesStr(b int64) string {
-	switch {
-	case b >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
-	case b >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(b)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", b)
-}
+func bytesStr(b int64) string { return plan.Bytes(float64(b)) }
 
 // printSummary prints the run's summary table: per VM and in total, events
 // by kind, callbacks, tables; then latency against the budget and memory.
