@@ -115,3 +115,19 @@ func itoa(v uint64) string {
 		}
 	}
 }
+
+func TestVMLatencyQuantile(t *testing.T) {
+	var v engine.VMStats
+	if v.LatencyQuantile(0.99) != 0 {
+		t.Fatal("empty histogram has a quantile")
+	}
+	// 90 callbacks at ~1 us (bucket 10: [512, 1024) ns), 10 at ~1 ms.
+	v.Latency[10] = 90
+	v.Latency[20] = 10
+	if q := v.LatencyQuantile(0.5); q != 1024 {
+		t.Fatalf("p50 = %v", q)
+	}
+	if q := v.LatencyQuantile(0.99); q != 1<<20 {
+		t.Fatalf("p99 = %v", q)
+	}
+}

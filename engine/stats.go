@@ -2,6 +2,7 @@ package engine
 
 import (
 	"sort"
+	"time"
 
 	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/vasmon"
@@ -29,6 +30,8 @@ type VMStats struct {
 	Submitted, Rejected uint64
 	Kinds               [5]uint64
 	Callbacks           uint64
+	OverBudget          uint64                         // callbacks later than the latency budget
+	Latency             [shard.VMLatencyBuckets]uint64 // see shard.VMLatencyBuckets
 	Tables, Refused     int64
 	Roots               int64
 }
@@ -40,6 +43,27 @@ func (v *VMStats) Events() uint64 {
 		n += k
 	}
 	return n
+}
+
+// LatencyQuantile returns an upper bound of the q-quantile of the VM's
+// trap-to-callback latencies, within a factor of two (0 if none).
+func (v *VMStats) LatencyQuantile(q float64) time.Duration {
+	var n uint64
+	for _, c := range v.Latency {
+		n += c
+	}
+	if n == 0 {
+		return 0
+	}
+	rank := uint64(q*float64(n-1)) + 1
+	var seen uint64
+	b := 0
+	for ; b < len(v.Latency)-1; b++ {
+		if seen += v.Latency[b]; seen >= rank {
+			break
+		}
+	}
+	return time.Duration(min(uint64(1)<<b, 1<<62))
 }
 
 // Stats returns a snapshot. Counters are read one by one while workers run,
@@ -91,6 +115,10 @@ func (e *Engine) Stats() Stats {
 				v.Kinds[i] += c.Kinds[i].Load()
 			}
 			v.Callbacks += c.Callbacks.Load()
+			v.OverBudget += c.OverBudget.Load()
+			for b := range v.Latency {
+				v.Latency[b] += c.Latency[b].Load()
+			}
 		}
 		if !removed[i] {
 			st.Refused += v.Refused

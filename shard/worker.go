@@ -2,6 +2,7 @@ package shard
 
 import (
 	"fmt"
+	"math/bits"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -93,11 +94,30 @@ type Counters struct {
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
 
-// VMCounters are per-VM event counts by kind and callbacks, summed over
-// shards by the engine.
+// VMCounters are per-VM event counts by kind, callbacks, callbacks over the
+// latency budget and a coarse latency histogram (VMLatency buckets), summed
+// over shards by the engine.
 type VMCounters struct {
-	Kinds     [len(kindNames)]atomic.Uint64
-	Callbacks atomic.Uint64
+	Kinds      [len(kindNames)]atomic.Uint64
+	Callbacks  atomic.Uint64
+	OverBudget atomic.Uint64
+	Latency    [VMLatencyBuckets]atomic.Uint64
+}
+
+// VMLatencyBuckets is the size of the per-VM latency histograms: bucket k
+// counts latencies in [2^(k-1), 2^k) ns (bucket 0: 0 ns), so a per-VM
+// quantile is known within a factor of two.
+const VMLatencyBuckets = 64
+
+// VMLatencyBucket returns the per-VM histogram bucket of ns.
+func VMLatencyBucket(ns int64) int { return bits.Len64(uint64(max(ns, 0))) }
+
+// vmLocal is the worker's plain copy of one VMCounters.
+type vmLocal struct {
+	kinds                 [len(kindNames)]uint64
+	callbacks, overBudget uint64
+	latency               [VMLatencyBuckets]uint64
+	changed               uint64 // latency buckets changed since the last publish
 }
 
 // local are the counters the worker updates with plain arithmetic on the
@@ -106,8 +126,8 @@ type VMCounters struct {
 type local struct {
 	kinds           [len(kindNames)]uint64
 	callbacks, over uint64
-	vm              [][len(kindNames) + 1]uint64 // kinds, then callbacks
-	dirty           []uint32                     // VM slots changed since the last publish
+	vm              []vmLocal
+	dirty           []uint32 // VM slots changed since the last publish
 	isDirty         []bool
 }
 
@@ -169,7 +189,7 @@ func New(cfg Config, sink Sink) *Shard {
 	return &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
 		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
 		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
-		loc: local{vm: make([][len(kindNames) + 1]uint64, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
+		loc: local{vm: make([]vmLocal, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
 			isDirty: make([]bool, cfg.MaxSlots)}}
 }
 
@@ -381,7 +401,7 @@ func (s *Shard) process(e *Event) {
 	k := s.store.Write(vasmon.VMID(e.VM), &w, &s.out)
 	s.loc.kinds[k]++
 	if int(e.Slot) < len(s.VMs) {
-		s.loc.vm[e.Slot][k]++
+		s.loc.vm[e.Slot].kinds[k]++
 		s.markDirty(e.Slot)
 	}
 	if len(s.out.Reqs) > 0 || len(s.out.Calls) > 0 {
@@ -417,6 +437,7 @@ func (s *Shard) invokeFrom(from int, trap int64) int {
 	}
 	lat := Now() - trap
 	over := s.cfg.Budget > 0 && lat > int64(s.cfg.Budget)
+	bucket := VMLatencyBucket(lat)
 	for i := from; i < n; i++ {
 		c := &s.out.Calls[i]
 		s.lhist.Record(lat)
@@ -424,7 +445,13 @@ func (s *Shard) invokeFrom(from int, trap int64) int {
 			s.loc.over++
 		}
 		if slot := c.Root.VM.Slot; int(slot) < len(s.VMs) {
-			s.loc.vm[slot][len(kindNames)]++
+			v := &s.loc.vm[slot]
+			v.callbacks++
+			v.latency[bucket]++
+			v.changed |= 1 << bucket
+			if over {
+				v.overBudget++
+			}
 			s.markDirty(slot)
 		}
 		s.invoke(c)
@@ -450,11 +477,17 @@ func (s *Shard) publishCounters() {
 	s.C.Callbacks.Store(l.callbacks)
 	s.C.OverBudget.Store(l.over)
 	for _, slot := range l.dirty {
-		c := &s.VMs[slot]
+		c, v := &s.VMs[slot], &l.vm[slot]
 		for k := range c.Kinds {
-			c.Kinds[k].Store(l.vm[slot][k])
+			c.Kinds[k].Store(v.kinds[k])
 		}
-		c.Callbacks.Store(l.vm[slot][len(kindNames)])
+		c.Callbacks.Store(v.callbacks)
+		c.OverBudget.Store(v.overBudget)
+		for m := v.changed; m != 0; m &= m - 1 {
+			b := bits.TrailingZeros64(m)
+			c.Latency[b].Store(v.latency[b])
+		}
+		v.changed = 0
 		l.isDirty[slot] = false
 	}
 	l.dirty = l.dirty[:0]
@@ -464,7 +497,7 @@ func (s *Shard) publishCounters() {
 // the worker (through Run), which owns the plain counters.
 func (s *Shard) ResetSlot(slot uint32) {
 	s.Run(func(*vasmon.Store) {
-		s.loc.vm[slot] = [len(kindNames) + 1]uint64{}
+		s.loc.vm[slot] = vmLocal{changed: ^uint64(0)}
 		s.markDirty(slot)
 		s.publishCounters()
 	})

@@ -71,7 +71,7 @@ func TestRunSim(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	for _, want := range []string{"total", "relevant", "trap-to-callback latency: p50", "bytes per table"} {
+	for _, want := range []string{"total", "relevant", "p99 <=", "over budget", "trap-to-callback latency: p50", "bytes per table"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("summary lacks %q:\n%s", want, out)
 		}

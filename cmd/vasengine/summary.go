@@ -80,7 +80,7 @@ func bytesStr(b int64) string { return plan.Bytes(float64(b)) }
 func printSummary(w io.Writer, e *engine.Engine, p *progress, elapsed time.Duration) {
 	st := e.Stats()
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "vm\tevents\trelevant\tirrelevant\tpartial\tduplicate\tuntracked\trejected\tcallbacks\tpeak tables\trefused\t")
+	fmt.Fprintln(tw, "vm\tevents\trelevant\tirrelevant\tpartial\tduplicate\tuntracked\trejected\tcallbacks\tp50 <=\tp99 <=\tover budget\tpeak tables\trefused\t")
 	var tot engine.VMStats
 	for _, v := range st.PerVM {
 		row(tw, fmt.Sprint(v.ID), &v, p.peakVM[v.ID])
@@ -90,6 +90,10 @@ func printSummary(w io.Writer, e *engine.Engine, p *progress, elapsed time.Durat
 			tot.Kinds[k] += v.Kinds[k]
 		}
 		tot.Callbacks += v.Callbacks
+		tot.OverBudget += v.OverBudget
+		for b := range v.Latency {
+			tot.Latency[b] += v.Latency[b]
+		}
 		tot.Refused += v.Refused
 	}
 	row(tw, "total", &tot, p.peakTabs)
@@ -110,9 +114,10 @@ func printSummary(w io.Writer, e *engine.Engine, p *progress, elapsed time.Durat
 
 func row(tw io.Writer, name string, v *engine.VMStats, peak int64) {
 	k := v.Kinds
-	fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t\n", name, v.Events(),
+	fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%v\t%v\t%.1f%%\t%d\t%d\t\n", name, v.Events(),
 		k[vasmon.WriteRelevant], k[vasmon.WriteIrrelevant], k[vasmon.WritePartial], k[vasmon.WriteDuplicate],
-		k[vasmon.WriteUntracked], v.Rejected, v.Callbacks, peak, v.Refused)
+		k[vasmon.WriteUntracked], v.Rejected, v.Callbacks, v.LatencyQuantile(0.5), v.LatencyQuantile(0.99),
+		pct(v.OverBudget, v.Callbacks), peak, v.Refused)
 }
 
 func pct(a, b uint64) float64 {
