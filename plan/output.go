@@ -40,6 +40,10 @@ func (p *Plan) WriteTable(w io.Writer) error {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", pt.Label, offered, achieved, dur(pt.P50), dur(pt.P99), dur(pt.P999), mark)
 	}
 	tw.Flush()
+	if p.Curve.disturbed(p.Budget) {
+		b.WriteString("  note: a point over the budget is followed by a heavier one within it: the host was probably disturbed\n" +
+			"  while measuring; the plan takes the first crossing (conservative): measure again, longer, on a quiet host\n")
+	}
 	fmt.Fprintf(&b, "rate within the budget (p99 <= %v): ", p.Budget)
 	switch {
 	case p.RateWithin == 0:
@@ -63,7 +67,9 @@ func (p *Plan) WriteTable(w io.Writer) error {
 	fmt.Fprintf(&b, "\nhost: %d shards x queue depth %d, %s for tables at %s per table; headroom %.0f%% of each resource kept free\n",
 		p.Shards, p.QueueDepth, Bytes(p.MemBytes), Bytes(p.BytesPerTable), 100*p.Headroom)
 	for _, n := range p.Notes {
-		fmt.Fprintf(&b, "  note: %s\n", n)
+		if n != "" {
+			fmt.Fprintf(&b, "  note: %s\n", n)
+		}
 	}
 	b.WriteString("\n")
 	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -136,7 +142,7 @@ func SI(v float64) string {
 		return fmt.Sprintf("%.2fG", v/1e9)
 	case v >= 1e6:
 		return fmt.Sprintf("%.2fM", v/1e6)
-	case v >= 1e4:
+	case v >= 1e3:
 		return fmt.Sprintf("%.1fk", v/1e3)
 	}
 	return fmt.Sprintf("%.0f", v)
@@ -146,7 +152,7 @@ func SI(v float64) string {
 func Bytes(b float64) string {
 	switch {
 	case b >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", b/(1<<30))
+		return fmt.Sprintf("%.2f GiB", b/(1<<30))
 	case b >= 1<<20:
 		return fmt.Sprintf("%.1f MiB", b/(1<<20))
 	case b >= 1<<10:
@@ -211,7 +217,11 @@ func (p *Plan) WritePlot(path string) error {
 		}
 		v.Dashes = []vg.Length{vg.Points(1), vg.Points(3)}
 		pl.Add(v)
-		pl.Legend.Add(fmt.Sprintf("within budget up to %s/s", SI(p.RateWithin)), v)
+		label := fmt.Sprintf("within budget up to %s events/s", SI(p.RateWithin))
+		if !p.Bounded {
+			label = fmt.Sprintf("within budget up to at least %s events/s", SI(p.RateWithin))
+		}
+		pl.Legend.Add(label, v)
 	}
 	if p.VMs < Unbounded && p.Load > 0 {
 		s, err := plotter.NewScatter(plotter.XYs{{X: p.Load / 1e3, Y: us(p.LoadP99)}})

@@ -111,6 +111,20 @@ func (c *Curve) RateWithin(budget time.Duration) (rate float64, bounded bool) {
 	return ps[len(ps)-1].Rate(), false
 }
 
+// disturbed reports whether a point over the budget is followed by a
+// heavier one within it: latency that falls as load rises is noise.
+func (c *Curve) disturbed(budget time.Duration) bool {
+	over := false
+	for _, p := range c.sorted() {
+		within := !p.Saturated && p.P99 <= budget
+		if over && within {
+			return true
+		}
+		over = over || !within
+	}
+	return false
+}
+
 // P99At interpolates the curve's p99 at rate: below the first point it is
 // the first point's (an upper estimate), beyond the last the last point's.
 func (c *Curve) P99At(rate float64) time.Duration {

@@ -38,6 +38,9 @@ func TestRateWithin(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cv := Curve{Points: c.pts}
 			got, bounded := cv.RateWithin(20 * us)
+			if dip := strings.Contains(c.name, "dip"); cv.disturbed(20*us) != dip {
+				t.Errorf("disturbed = %v, want %v", !dip, dip)
+			}
 			if math.Abs(got-c.want) > 1e-9 || bounded != c.bounded {
 				t.Fatalf("RateWithin = %v, %v; want %v, %v", got, bounded, c.want, c.bounded)
 			}

@@ -41,15 +41,11 @@ type planFlags struct {
 // defaultVMRate is -vm-rate's default, the same as run's -rate.
 const defaultVMRate = 20000
 
-// cmdPlan is "vasengine plan": how many VMs this host can monitor within the
-// latency budget, from the engine's cost curve measured now (or read from a
-// saved benchmark output) and a workload per VM (a simulator profile at a
-// given rate, a recorded trace, or a Prometheus snapshot). See package plan.
-func cmdPlan(args []string, stdout, stderr io.Writer) error {
-	var f planFlags
-	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+// register defines plan's flags on fs: the engine's configuration flags
+// of run, and plan's own.
+func (f *planFlags) register(fs *flag.FlagSet) {
 	all := flag.NewFlagSet("", flag.ContinueOnError)
-	f.engineFlags.register(all)
+	f.engineFlags.register(all) // of run's engine flags, plan takes those configuring the engine
 	for _, name := range []string{"shards", "cpus", "batch", "queue-depth", "budget", "nonblocking"} {
 		fl := all.Lookup(name)
 		fs.Var(fl.Value, name, fl.Usage)
@@ -67,8 +63,18 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	fs.Float64Var(&f.vmBurst, "vm-burst", 0, "most events one VM submits within 1 ms (default: measured; for -prom, assumed)")
 	fs.StringVar(&f.plotPath, "plot", "plan.svg", "SVG plot of the curve, the budget and the plan (a folder: plan.svg in it)")
 	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
-	fs.BoolVar(&f.quick, "quick", false, "a short measurement (150 ms per point, 3 points): a smoke test, not a plan")
+	fs.BoolVar(&f.quick, "quick", false, "a short measurement (4 runs of 150 ms; overrides -step): a smoke test, not a plan")
 	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
+}
+
+// cmdPlan is "vasengine plan": how many VMs this host can monitor within the
+// latency budget, from the engine's cost curve measured now (or read from a
+// saved benchmark output) and a workload per VM (a simulator profile at a
+// given rate, a recorded trace, or a Prometheus snapshot). See package plan.
+func cmdPlan(args []string, stdout, stderr io.Writer) error {
+	var f planFlags
+	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+	f.register(fs)
 	fs.SetOutput(stderr)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -128,7 +134,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		in.Curve = plan.Curve{Points: pts, Source: fmt.Sprintf("%s (BenchmarkLatency: its own engine configuration and workload, see bench/)", f.fromReport)}
-		in.BytesPerTable, bptNote = bpt, "bytes per table: BenchmarkStartMonitor/engine of "+f.fromReport
+		if in.BytesPerTable = bpt; bpt > 0 {
+			bptNote = "bytes per table: BenchmarkStartMonitor/engine of " + f.fromReport
+		}
 	}
 	var wl *plan.Workload
 	switch {
@@ -454,7 +462,10 @@ type vmBurst struct {
 
 func (h *burstHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
 	if h.on.Load() {
-		v, _ := h.vms.LoadOrStore(vm, new(vmBurst))
+		v, ok := h.vms.Load(vm)
+		if !ok {
+			v, _ = h.vms.LoadOrStore(vm, new(vmBurst))
+		}
 		b := v.(*vmBurst)
 		now := shard.Now()
 		b.mu.Lock()

@@ -57,7 +57,7 @@ func checkPlan(t *testing.T, args []string, wants ...string) string {
 // answer is checked.
 func TestPlanQuick(t *testing.T) {
 	checkPlan(t, []string{"-quick", "-vms", "4", "-budget", "1ms", "-mem", "1GiB"},
-		"measured now on", "max", "load=90%", "simulator profile web", "<- binding", "1.0 GiB for tables")
+		"measured now on", "max", "load=90%", "simulator profile web", "<- binding", "1.00 GiB for tables")
 }
 
 // TestPlanFromReport: the curve from a saved bench output, the workload
@@ -67,7 +67,7 @@ func TestPlanFromReport(t *testing.T) {
 	// 20 us budget: crossing between 261.7k (12.0 us) and 1.31M (35.7 us)
 	// events/s, at 261686 + 7.98/23.631*1046745 = 615.2k.
 	checkPlan(t, []string{"-from-report", report, "-quick", "-vm-rate", "1000", "-headroom", "0"},
-		"rate within the budget (p99 <= 20µs): 615.2k events/s", "load=50%", "1000 events/s per VM")
+		"rate within the budget (p99 <= 20µs): 615.2k events/s", "load=50%", "1.0k events/s per VM")
 }
 
 // TestPlanTrace records a short trace and plans its workload on a saved curve.
