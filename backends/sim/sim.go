@@ -188,10 +188,11 @@ type Sim struct {
 	maxProcs int
 	ctr      counters // Run's own root stops
 
-	host engine.Host
-	req  backends.Request
-	hctx context.Context
-	t0   time.Time
+	host    engine.Host
+	req     backends.Request
+	hctx    context.Context // of Start, Stop, RemoveVM: not the run's, which ends first
+	hcancel context.CancelFunc
+	t0      time.Time
 
 	ran      atomic.Bool
 	stopped  atomic.Bool
@@ -280,7 +281,9 @@ func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) e
 	if req.Callback == nil {
 		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
 	}
-	s.host, s.req, s.hctx = host, req, context.WithoutCancel(ctx)
+	s.host, s.req = host, req
+	s.hctx, s.hcancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer s.hcancel()
 	parent := ctx
 	if s.cfg.Duration > 0 {
 		var cancel context.CancelFunc
@@ -410,6 +413,9 @@ func (s *Sim) fail(err error) {
 		s.err = err
 	}
 	s.errMu.Unlock()
+	if errors.Is(err, engine.ErrClosed) {
+		s.hcancel() // an engine's Start or Stop in progress would wait for its context
+	}
 	s.halt()
 }
 
