@@ -118,6 +118,7 @@ type Engine struct {
 	active                        atomic.Int64
 	closed                        atomic.Bool
 	closeOnce                     sync.Once
+	stopped                       chan struct{} // closed once Close has stopped the workers
 	panicRoots                    *xsync.MapOf[uint32, *atomic.Uint64]
 	refusedGone                   atomic.Int64 // hook refusals of removed VMs
 	waiters                       *xsync.MapOf[uint32, chan struct{}]
@@ -175,7 +176,7 @@ func New(cfg Config) (*Engine, error) {
 	if cfg.MaxVMLabels == 0 {
 		cfg.MaxVMLabels = 32
 	}
-	e := &Engine{cfg: cfg, vms: xsync.NewMapOf[vasmon.VMID, *vmEntry](),
+	e := &Engine{cfg: cfg, stopped: make(chan struct{}), vms: xsync.NewMapOf[vasmon.VMID, *vmEntry](),
 		roots: xsync.NewMapOf[rootKey, *vasmon.Root](), owner: make([]*vmEntry, cfg.MaxVMs), freed: make([]uint64, cfg.MaxVMs),
 		panicRoots: xsync.NewMapOf[uint32, *atomic.Uint64](), waiters: xsync.NewMapOf[uint32, chan struct{}]()}
 	for i := 0; i < cfg.Shards; i++ {
@@ -319,6 +320,7 @@ func (e *Engine) RemoveVM(ctx context.Context, id vasmon.VMID) error {
 
 // Start monitors (vm, cr3) and returns once every table of the tree is hooked.
 // If ctx ends first, whatever was hooked is unhooked and ctx's error returned.
+// If the engine closes first, Start returns ErrClosed.
 func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vasmon.Mode, monitored uint64,
 	cb vasmon.Callback, cbctx any, opts RootOptions) (*vasmon.Root, error) {
 	if e.closed.Load() {
@@ -381,7 +383,7 @@ func (e *Engine) send(req vasmon.Request) {
 // processed.
 func (e *Engine) waitVM(ctx context.Context, ve *vmEntry) error {
 	target := ve.submitted.Load() - ve.rejected.Load()
-	return poll(ctx, func() bool {
+	return e.poll(ctx, func() bool {
 		var n uint64
 		for _, s := range e.shards {
 			c := &s.VMs[ve.slot]
@@ -408,6 +410,10 @@ func (e *Engine) waitRoot(ctx context.Context, r *vasmon.Root) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-e.stopped:
+			if r.InFlight.Load() != 0 {
+				return ErrClosed
+			}
 		case <-ch:
 		case <-t.C:
 			t.Reset(time.Millisecond)
@@ -416,12 +422,19 @@ func (e *Engine) waitRoot(ctx context.Context, r *vasmon.Root) error {
 	return nil
 }
 
-func poll(ctx context.Context, done func() bool) error {
+// poll waits until done reports true, ctx ends, or the engine's workers
+// have stopped (ErrClosed).
+func (e *Engine) poll(ctx context.Context, done func() bool) error {
 	d := 20 * time.Microsecond
 	for !done() {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-e.stopped:
+			if done() {
+				return nil
+			}
+			return ErrClosed
 		case <-time.After(d):
 		}
 		d = min(2*d, 2*time.Millisecond)
@@ -431,7 +444,8 @@ func poll(ctx context.Context, done func() bool) error {
 
 // Stop stops monitoring r: every table is unhooked and every present leaf is
 // reported removed. It returns once that is done or ctx ends (the unhooking
-// then completes in the background).
+// then completes in the background). If the engine closes first, Stop
+// returns ErrClosed.
 func (e *Engine) Stop(ctx context.Context, r *vasmon.Root) error {
 	if r == nil {
 		return vasmon.ErrUnknownRoot
@@ -630,7 +644,7 @@ func (e *Engine) submitEach(ve *vmEntry, vm vasmon.VMID, evs []shard.Event) (int
 // structural message executed (the engine is quiescent), or ctx ends.
 // Submissions made concurrently with Sync may or may not be waited for.
 func (e *Engine) Sync(ctx context.Context) error {
-	return poll(ctx, e.quiescent)
+	return e.poll(ctx, e.quiescent)
 }
 
 func (e *Engine) quiescent() bool {
@@ -664,6 +678,7 @@ func (e *Engine) Close() error {
 		for _, s := range e.shards {
 			s.Stop()
 		}
+		close(e.stopped)
 	})
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -672,4 +673,63 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("Submit to unknown VM: %v", err)
 	}
 	checkAccounting(t, e)
+}
+
+// TestStartStopAcrossClose: Start and Stop calls in progress when the engine
+// closes return (nil or ErrClosed) instead of waiting on workers that have
+// stopped.
+func TestStartStopAcrossClose(t *testing.T) {
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	w := vasmontest.NewRandomWriter(g, 9, 8)
+	for k := 0; k < 50; k++ {
+		w.Next()
+	}
+	for iter := 0; iter < 30; iter++ {
+		e, err := engine.New(engine.Config{Shards: 2, NoPin: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 4)
+		var last atomic.Pointer[vasmon.Root]
+		for p := 0; p < 4; p++ {
+			go func() {
+				for k := 0; ; k++ {
+					r, err := e.Start(context.Background(), 1, w.Tables[0], vasmon.Mode4, monitored, func(any, uint64, uint64, uint64, uint64) {}, nil, engine.RootOptions{})
+					if err == nil {
+						last.Store(r)
+						err = e.Stop(context.Background(), r)
+					}
+					switch {
+					case errors.Is(err, engine.ErrClosed):
+						done <- nil
+						return
+					case err != nil && !errors.Is(err, vasmon.ErrRootExists) && !errors.Is(err, vasmon.ErrUnknownRoot):
+						done <- err
+						return
+					}
+				}
+			}()
+		}
+		time.Sleep(time.Duration(iter%7) * time.Millisecond)
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+		timeout := time.After(20 * time.Second)
+		for p := 0; p < 4; p++ {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-timeout:
+				t.Fatalf("iteration %d: a Start or Stop still waits 20 s after Close", iter)
+			}
+		}
+		if r := last.Load(); r != nil {
+			_ = e.Dump(r) // runs on the caller's goroutine now the workers have stopped
+		}
+	}
 }

@@ -139,6 +139,7 @@ type Shard struct {
 	q     *Ring[Event]
 	sink  Sink
 	store *vasmon.Store
+	runMu sync.Mutex // serializes Run once the worker has stopped
 	out   vasmon.Output
 	batch []Event
 
@@ -607,8 +608,20 @@ func (s *Shard) invoke(c *vasmon.Call) {
 }
 
 // Run runs fn on the shard's goroutine with its store and waits for it.
+// Once the worker has stopped, fn runs on the caller's goroutine, one
+// caller at a time.
 func (s *Shard) Run(fn func(*vasmon.Store)) {
 	done := make(chan struct{})
 	s.Send(Msg{Fn: func(st *vasmon.Store) { fn(st); close(done) }})
-	<-done
+	select {
+	case <-done:
+	case <-s.done:
+		select {
+		case <-done: // it ran as the worker's last message
+		default:
+			s.runMu.Lock()
+			defer s.runMu.Unlock()
+			fn(s.store)
+		}
+	}
 }

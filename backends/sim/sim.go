@@ -272,8 +272,9 @@ func (s *Sim) Config() Config { return s.cfg }
 // Run registers the VMs with host, creates and starts monitoring their
 // initial processes, runs the vCPUs until ctx ends, Config.Duration passes
 // or the event budget is spent, then stops every root and removes the VMs.
-// It returns ctx's error if ctx ended the run, the first fatal host error
-// (a closed engine, say), or nil.
+// It returns ctx's error if ctx ended the run, the first fatal host error,
+// or nil. Once the host reports it is closed (engine.ErrClosed), Run stops
+// the vCPUs and calls the host no more.
 func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) error {
 	if !s.ran.CompareAndSwap(false, true) {
 		return errors.New("sim: a Sim runs once")
