@@ -506,9 +506,9 @@ func (e *Engine) Roots() []*vasmon.Root {
 }
 
 // Submit queues events of VM vm, in order. The events are copied; evs may be
-// reused when Submit returns. Events with Trap == 0 are stamped now. The
-// backend must have applied every write of evs to guest memory before it
-// calls Submit.
+// reused when Submit returns. Events with Trap == 0 or Seen == 0 are stamped
+// now (see shard.Event.Seen). The backend must have applied every write of
+// evs to guest memory before it calls Submit.
 //
 // When a shard queue is full, Submit waits (default) or, with
 // Config.NonBlocking, stops and returns ErrOverload: it then returns n, the
@@ -594,16 +594,19 @@ func (e *Engine) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
 
 const submitChunk = 64
 
-// stamp completes an event for the shards. Seen is taken once per Submit,
-// after the backend applied the writes to guest memory (the contract), so
-// a write seen before a hook read its page is known to be in the read.
+// stamp completes an event for the shards. Seen, unless the backend set it,
+// is taken once per Submit, after the backend applied the writes to guest
+// memory (the contract), so a write seen before a hook read its page is
+// known to be in the read. A backend's Seen later than now is clamped.
 func (e *Engine) stamp(ev *shard.Event, vm vasmon.VMID, ve *vmEntry, now *int64) {
 	ev.VM, ev.Slot = uint32(vm), ve.slot
 	ev.Hash = vasmon.PageHash(vm, ev.GPA)
 	if *now == 0 {
 		*now = shard.Now()
 	}
-	ev.Seen = *now
+	if ev.Seen == 0 || ev.Seen > *now {
+		ev.Seen = *now
+	}
 	if ev.Trap == 0 {
 		ev.Trap = *now
 	}

@@ -733,3 +733,59 @@ func TestStartStopAcrossClose(t *testing.T) {
 		}
 	}
 }
+
+// TestBackendSeen: a Seen set by the backend is kept (not replaced by the
+// Submit time): an event the backend saw before a hook read its page is
+// dropped as already in the read, and counted stale.
+func TestBackendSeen(t *testing.T) {
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	cr3 := g.AllocTable()
+	tab, flags := cr3, vasmon.BitP|vasmon.BitRW|vasmon.BitUS
+	for l := 4; l > 1; l-- {
+		nt := g.AllocTable()
+		g.SetEntry(tab, 0, nt|flags)
+		tab = nt
+	}
+	leaf := uint64(0x123000) | flags
+	g.SetEntry(tab, 7, leaf)
+	e, err := engine.New(engine.Config{Shards: 2, NoPin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+		t.Fatal(err)
+	}
+	rec := vasmontest.NewRecorder()
+	before := shard.Now()
+	if _, err := e.Start(context.Background(), 1, cr3, vasmon.Mode4, monitored, rec.Callback, "r", engine.RootOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A write the backend saw before Start read the table (its value is
+	// in memory no more: a later write, unseen, restored it).
+	stale := toEvents([]vasmon.Write{g.SetEntry(tab, 7, 0)})
+	g.SetEntry(tab, 7, leaf)
+	stale[0].Seen = before
+	if _, err := e.Submit(1, stale); err != nil {
+		t.Fatal(err)
+	}
+	// The same write seen now: applied.
+	fresh := toEvents([]vasmon.Write{g.SetEntry(tab, 7, 0)})
+	if _, err := e.Submit(1, fresh); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for _, s := range e.Shards() {
+		n += s.C.Stale.Load()
+	}
+	if n != 1 {
+		t.Errorf("stale events counted: %d, want 1", n)
+	}
+	evs := rec.Take("r")
+	if len(evs) != 1 || evs[0].Old != leaf || evs[0].New != 0 {
+		t.Errorf("callbacks %v, want one removal of %#x", evs, leaf)
+	}
+}

@@ -55,10 +55,11 @@ var (
 	dHeld       = desc("held_requests", "Hook requests held back behind in-flight unhooks of the same root.")
 	dPartial    = desc("partial_writes", "Entry writes in progress (partially written entries).")
 	dExpired    = desc("partial_writes_expired_total", "Partial writes completed from guest memory after the pending timeout.")
+	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later hook had already read their page (the write was in the read).")
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dRoots, dVMs, dShards}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dRoots, dVMs, dShards}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -128,15 +129,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	m(dRefused, counterType, float64(st.Refused+e.refusedGone.Load()))
 	m(dMessages, counterType, float64(st.Messages))
 	var held, partial int64
-	var expired uint64
+	var expired, stale uint64
 	for _, s := range e.shards {
 		held += s.C.Held.Load()
 		partial += s.C.Partial.Load()
 		expired += s.C.Expired.Load()
+		stale += s.C.Stale.Load()
 	}
 	m(dHeld, gaugeType, float64(held))
 	m(dPartial, gaugeType, float64(partial))
 	m(dExpired, counterType, float64(expired))
+	m(dStale, counterType, float64(stale))
 	m(dRoots, gaugeType, float64(st.Roots))
 	m(dVMs, gaugeType, float64(st.VMs))
 	m(dShards, gaugeType, float64(len(e.shards)))

@@ -21,7 +21,12 @@ type Event struct {
 	RIP  uint64 // writer's instruction pointer, 0 if unknown
 	Trap int64  // when the trap was observed, in Now() nanoseconds
 	Hash uint64 // vasmon.PageHash(VM, GPA), set by the engine
-	Seen int64  // when the engine received the event (Now), set by the engine
+	// Seen is a Now() time taken after the write was applied to guest
+	// memory: the backend's, if it knows one (the earlier the better), or
+	// else the engine's, when Submit received the event. A write seen
+	// before its page was read by a hook is dropped as already in the read
+	// (vasmon.Write.Seen), so a Seen earlier than the write would lose it.
+	Seen int64
 	VM   uint32
 	Slot uint32 // dense per-VM counter slot (set by the engine)
 	Size uint8
@@ -88,6 +93,7 @@ type Counters struct {
 	Expired    atomic.Uint64 // entry writes completed from guest memory after PendingTimeout
 	Supersedes atomic.Uint64 // hooks that found a table at the same place (store statistic)
 	Misses     atomic.Uint64 // unhooks of tables not hooked here (store statistic)
+	Stale      atomic.Uint64 // page writes seen before a hook read the page: already in the read, dropped
 	Batches    atomic.Uint64
 	BatchSum   atomic.Uint64
 }
@@ -362,6 +368,7 @@ func (s *Shard) publish() {
 	st := s.store.Stats()
 	s.C.Supersedes.Store(st.Supersedes)
 	s.C.Misses.Store(st.UnhookMisses)
+	s.C.Stale.Store(st.Stale)
 	s.tables.Store(int64(st.Tables))
 	s.bytes.Store(int64(s.store.HostBytes()))
 }

@@ -1579,3 +1579,48 @@ func TestRuleUnlinkAndLinkInOneWrite(t *testing.T) {
 		})
 	}
 }
+
+// Engine contract (Write.Seen, not in SEMANTICS.md): a write seen before a
+// hook read its page is already in the shadow and is dropped, so a queued
+// event that predates an unhook and re-hook of its page cannot move the
+// entry back in time; a write seen after the read is applied.
+func TestStaleWrites(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		h := newHarness(t, mode)
+		var clock int64
+		h.mon.Store().Clock = func() int64 { clock += 10; return clock }
+		cr3 := h.table()
+		t1 := h.path(cr3, vaX, 1, false)
+		i := h.idx(vaX, 1)
+		e1, e2 := h.leaf(0x1234000, 1), h.leaf(0x5678000, 1)
+		h.g.SetEntry(t1, i, e1)
+		r := h.start(cr3, monAll, vasmon.Options{})
+		// A write trapped, then left queued while the root is stopped...
+		queued := h.g.SetEntry(t1, i, 0)
+		queued.Seen = clock + 1
+		h.g.SetEntry(t1, i, e1) // (memory as Stop will find it)
+		r.stop()
+		// ...the guest writes the unprotected page, the root starts again
+		// and reads e2.
+		h.g.SetEntry(t1, i, e2)
+		before := h.mon.Store().Stats().Stale
+		r2 := h.start(cr3, monAll, vasmon.Options{})
+		// The queued write arrives: dropped, the shadow keeps e2.
+		wantKind(t, h.write(queued), vasmon.WriteUntracked) // as if its page were not hooked
+		if n := h.mon.Store().Stats().Stale - before; n != 1 {
+			t.Fatalf("stale writes counted: %d, want 1", n)
+		}
+		h.quiet()
+		// A write seen after the read is applied, even with the same value
+		// the stale one had.
+		w := h.g.SetEntry(t1, i, 0)
+		w.Seen = clock + 1
+		wantKind(t, h.write(w), vasmon.WriteRelevant)
+		r2.expect(ev{VA: vaX, Old: e2, New: 0, Size: kb4})
+		// Seen 0 (unknown) is never stale.
+		w = h.g.SetEntry(t1, i, e1)
+		wantKind(t, h.write(w), vasmon.WriteRelevant)
+		r2.expect(ev{VA: vaX, Old: 0, New: e1, Size: kb4})
+		r2.stop()
+	})
+}

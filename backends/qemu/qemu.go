@@ -25,17 +25,15 @@
 // where it is not). The legacy hole 0xA0000-0xFFFFF reads the file's bytes,
 // not the VGA/ROM the guest sees there; no page table lives there.
 //
-// Stale events (an engine issue, not solved here). When the engine unhooks
-// a page (Unprotect) while events for it are still queued, then hooks it
-// again, the hook reads guest RAM (newer than those events) and the queued
-// events are applied after it: the shadow goes back to an older value, and
-// the guest's writes made while the page was unprotected are never
-// reported, so nothing brings it forward again. The engine then holds a
-// wrong table or misses a leaf. It happens when the engine lags behind the
-// guest (one shard, or the race detector); dropping events whose Trap
-// precedes the page's hook read (read the clock before the read) fixed
-// every such failure in an experiment. The backend cannot fix it alone: it
-// cannot know which events are still queued.
+// Stale events. When the engine unhooks a page (Unprotect) while records
+// for it are still in the ring, then hooks it again, the hook reads guest
+// RAM, which is newer than those records. Each event therefore carries, as
+// shard.Event.Seen, the plugin's time stamp taken after it read the entry
+// (on shard.Now's clock, through a measured CLOCK_MONOTONIC offset): the
+// engine drops an event seen before the hook's read as already in it,
+// instead of moving the entry back in time (a missing or extra table,
+// a missed leaf). The Submit time would be too late for that: records
+// wait in the ring.
 //
 // Accessed/Dirty bits are set by QEMU's MMU without a store callback, so they
 // must not be monitored (backends.DefaultMonitored leaves them out). Stores
