@@ -1,5 +1,0 @@
-//go:build race
-
-package qemu_test
-
-const raceEnabled = true
