@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -604,6 +606,7 @@ func TestConfigErrors(t *testing.T) {
 		{CPUs: []int{}},
 		{Budget: -time.Second},
 		{QueueDepth: -1},
+		{MaxVMs: 1 << 16},
 	} {
 		if e, err := engine.New(c); err == nil {
 			e.Close()
@@ -787,5 +790,81 @@ func TestBackendSeen(t *testing.T) {
 	evs := rec.Take("r")
 	if len(evs) != 1 || evs[0].Old != leaf || evs[0].New != 0 {
 		t.Errorf("callbacks %v, want one removal of %#x", evs, leaf)
+	}
+}
+
+// TestLatencyTiming: the recorded trap-to-callback latency is never below
+// the true one (the time the callback started), and with slow callbacks it
+// stays close to it (each is timed on its own, not with a group).
+func TestLatencyTiming(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		work time.Duration // each callback's own duration
+		tol  time.Duration // how far above the truth the median may be
+	}{
+		{"fast", 0, 0},
+		{"slow", 100 * time.Microsecond, 50 * time.Microsecond},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+			cr3 := g.AllocTable()
+			tab, flags := cr3, vasmon.BitP|vasmon.BitRW|vasmon.BitUS
+			for l := 4; l > 1; l-- {
+				nt := g.AllocTable()
+				g.SetEntry(tab, 0, nt|flags)
+				tab = nt
+			}
+			e, err := engine.New(engine.Config{Shards: 1, NoPin: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+				t.Fatal(err)
+			}
+			var trap int64
+			var truth []int64
+			cb := func(any, uint64, uint64, uint64, uint64) {
+				truth = append(truth, shard.Now()-trap) // one worker: no race
+				for start := time.Now(); time.Since(start) < c.work; {
+				}
+			}
+			if _, err := e.Start(context.Background(), 1, cr3, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			var evs []shard.Event
+			for i := 0; i < 48; i++ {
+				evs = append(evs, toEvents([]vasmon.Write{g.SetEntry(tab, i, uint64(0x100000+i<<12)|flags)})...)
+			}
+			trap = shard.Now()
+			for i := range evs {
+				evs[i].Trap = trap
+			}
+			if _, err := e.Submit(1, evs); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.Sync(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			st := e.Stats()
+			if st.Latency.Count() != uint64(len(truth)) || len(truth) != len(evs) {
+				t.Fatalf("%d latencies recorded, %d callbacks, %d events", st.Latency.Count(), len(truth), len(evs))
+			}
+			slices.Sort(truth)
+			for _, q := range []float64{0.1, 0.5, 0.9, 1} {
+				want := truth[max(1, int(math.Ceil(q*float64(len(truth)))))-1] // rank ceil(q*n), as Quantile
+
+				// (The engine reads the clock just before it calls.)
+				if got := st.Latency.Quantile(q); got < want-int64(2*time.Microsecond) {
+					t.Errorf("q%.2f: recorded %v, below the true %v", q, time.Duration(got), time.Duration(want))
+				}
+			}
+			if c.tol > 0 {
+				want := truth[len(truth)/2-1]
+				if got := st.Latency.Quantile(0.5); time.Duration(got-want) > c.tol+time.Duration(want/16) {
+					t.Errorf("median recorded %v, true %v: over-stated by more than %v", time.Duration(got), time.Duration(want), c.tol)
+				}
+			}
+		})
 	}
 }

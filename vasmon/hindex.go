@@ -1,6 +1,6 @@
 package vasmon
 
-import "github.com/cespare/xxhash/v2"
+import "math/bits"
 
 // hindex is an open-addressing hash index (linear probing, backward-shift
 // deletion) from a 64-bit key hash to an arena handle. It stores 32 bits of
@@ -16,13 +16,34 @@ type hslot struct {
 	v uint32 // handle; 0 = empty
 }
 
+// XXH64 primes.
+const (
+	xxPrime1 uint64 = 11400714785074694791
+	xxPrime2 uint64 = 14029467366897019727
+	xxPrime3 uint64 = 0x165667B19E3779F9
+	xxPrime4 uint64 = 9650029242287828579
+	xxPrime5 uint64 = 2870177450012600261
+)
+
+// hashKey is XXH64 (seed 0) of the 16 bytes of a then b, little-endian:
+// the value xxhash.Sum64 gives for them (a test holds it to that), with the
+// fixed-length steps written out, so no buffer is built and nothing loops.
 func hashKey(a, b uint64) uint64 {
-	var buf [16]byte
-	for i := 0; i < 8; i++ {
-		buf[i] = byte(a >> (8 * i))
-		buf[8+i] = byte(b >> (8 * i))
-	}
-	return xxhash.Sum64(buf[:])
+	h := xxPrime5 + 16
+	h ^= xxRound(a)
+	h = bits.RotateLeft64(h, 27)*xxPrime1 + xxPrime4
+	h ^= xxRound(b)
+	h = bits.RotateLeft64(h, 27)*xxPrime1 + xxPrime4
+	h ^= h >> 33
+	h *= xxPrime2
+	h ^= h >> 29
+	h *= xxPrime3
+	h ^= h >> 32
+	return h
+}
+
+func xxRound(lane uint64) uint64 {
+	return bits.RotateLeft64(lane*xxPrime2, 31) * xxPrime1
 }
 
 func (x *hindex) find(h uint64, eq func(uint32) bool) uint32 {

@@ -43,6 +43,7 @@ func TestUsageErrors(t *testing.T) {
 		{"run", "-vcpus", "0"},
 		{"run", "-queue-depth", "1"},
 		{"run", "-batch", "0"},
+		{"run", "-spin", "-1s"},
 		{"run", "-mode", "7-level"},
 		{"run", "-rate", "-5"},
 		{"run", "-burst", "soon"},

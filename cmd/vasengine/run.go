@@ -32,6 +32,7 @@ type engineFlags struct {
 	queue       int
 	budget      time.Duration
 	nonblocking bool
+	spin        time.Duration
 	listen      string
 	prof        pprof.Files
 }
@@ -44,6 +45,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.queue, "queue-depth", 1<<14, "events per shard ingest queue")
 	fs.DurationVar(&f.budget, "budget", 20*time.Microsecond, "trap-to-callback latency budget")
 	fs.BoolVar(&f.nonblocking, "nonblocking", false, "reject events when a shard queue is full instead of waiting")
+	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "how long an idle worker polls before it parks (longer: lower latency at a steady rate, busier CPUs)")
 	fs.StringVar(&f.listen, "listen", "", "address serving /metrics and /debug/pprof/ (e.g. 127.0.0.1:9100)")
 	fs.StringVar(&f.prof.CPU, "cpuprofile", "", "write a CPU profile to this file")
 	fs.StringVar(&f.prof.Mem, "memprofile", "", "write a heap profile to this file at exit")
@@ -52,9 +54,12 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 }
 
 func (f *engineFlags) config() (engine.Config, error) {
-	c := engine.Config{Shards: f.shards, MaxBatch: f.batch, QueueDepth: f.queue, Budget: f.budget, NonBlocking: f.nonblocking}
+	c := engine.Config{Shards: f.shards, MaxBatch: f.batch, QueueDepth: f.queue, Budget: f.budget, NonBlocking: f.nonblocking, Spin: f.spin}
 	if f.shards < 1 {
 		return c, usagef("-shards %d: need at least one shard", f.shards)
+	}
+	if f.spin < 0 {
+		return c, usagef("-spin %v: must not be negative", f.spin)
 	}
 	if f.batch < 1 {
 		return c, usagef("-batch %d: must be at least 1", f.batch)
