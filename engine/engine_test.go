@@ -868,3 +868,80 @@ func TestLatencyTiming(t *testing.T) {
 		})
 	}
 }
+
+// TestAliasBomb: a 4-level alias bomb (every entry of each level links the
+// same page of the level below: 256 * 512^2 tables claimed) at the default
+// budgets: Start hooks exactly the budget and Stop removes it with unhook
+// requests only for the tables hooked (not for the 512 links of every
+// hooked table), in bounded time, leaving nothing protected.
+func TestAliasBomb(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: about 10 s")
+	}
+	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	flags := vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+	var pages [5]uint64
+	for l := 4; l >= 1; l-- {
+		pages[l] = g.AllocTable()
+	}
+	for l := 4; l >= 1; l-- {
+		n := 512
+		if l == 4 {
+			n = 256
+		}
+		for i := 0; i < n; i++ {
+			if l == 1 {
+				g.SetEntry(pages[1], i, uint64(0x100000+i<<12)|flags)
+			} else {
+				g.SetEntry(pages[l], i, pages[l-1]|flags)
+			}
+		}
+	}
+	e, err := engine.New(engine.Config{Shards: 2, NoPin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	prot := vasmontest.NewProtections()
+	if err := e.AddVM(1, g.Mem, prot, 0); err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int64
+	cb := func(any, uint64, uint64, uint64, uint64) { calls.Add(1) }
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	r, err := e.Start(ctx, 1, pages[4], vasmon.Mode4, monitored, cb, nil, engine.RootOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Since(t0)
+	if r.Tables() != vasmon.DefaultRootTables || r.Stats().Refused == 0 {
+		t.Fatalf("hooked %d tables (budget %d), refused %d", r.Tables(), vasmon.DefaultRootTables, r.Stats().Refused)
+	}
+	t0 = time.Now()
+	if err := e.Stop(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	stop := time.Since(t0)
+	if err := e.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st := e.Stats()
+	var misses uint64
+	for _, s := range e.Shards() {
+		misses += s.C.Misses.Load()
+	}
+	t.Logf("Start %v, Stop %v; %d messages; %d unhooks of tables never hooked; %d callbacks", start, stop, st.Messages, misses, calls.Load())
+	// Unhook requests went only to the tables hooked: the 512 links of
+	// every hooked table past the budget cost nothing.
+	if misses != 0 {
+		t.Errorf("%d unhook requests for tables never hooked (budget %d)", misses, vasmon.DefaultRootTables)
+	}
+	if stop > 20*time.Second || start > 40*time.Second {
+		t.Errorf("Start %v, Stop %v", start, stop)
+	}
+	if st.Tables != 0 || prot.Count() != 0 {
+		t.Errorf("after Stop: %d tables, %d pages protected", st.Tables, prot.Count())
+	}
+}

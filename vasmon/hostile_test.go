@@ -262,6 +262,11 @@ func bombRun(t *testing.T, mode vasmon.Mode, leafy bool, rootBudget, vmBudget in
 		t.Fatalf("requests still counted queued: root %d, VM %d", q, vq)
 	}
 	st := h.mon.Store().Stats()
+	// Unhook requests went only to tables that were hooked: none of the
+	// links the budget refused cost a request.
+	if st.UnhookMisses != 0 {
+		t.Fatalf("Stop sent %d unhook requests to tables never hooked (%d hooked)", st.UnhookMisses, limit)
+	}
 	if h.prot.Count() != 0 || st.Tables != 0 || st.Pages != 0 || r.Tables() != 0 || vm.Tables() != 0 || len(h.prot.Errors) != 0 {
 		t.Fatalf("after Stop: %d pages protected, store %+v, root %d, VM %d tables, errors %v",
 			h.prot.Count(), st, r.Tables(), vm.Tables(), h.prot.Errors)

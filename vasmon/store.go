@@ -117,7 +117,19 @@ type node struct {
 	off   uint16 // byte offset of the table in its page (PAE root)
 	level uint8
 	stale bool // superseded by a newer table at the same place
+	// links is the handle of the node's link set (tables above level 1;
+	// 0 at level 1, whose entries never link tables).
+	links uint32
 }
+
+// linkSet has bit i set while entry i of a node links a table whose hook
+// was admitted (emitted): only those entries get unhook requests, so
+// unhooking costs requests in proportion to the tables hooked, not to the
+// links a guest claims (an alias bomb beyond the budget).
+type linkSet [maxTableEntries / 64]uint64
+
+// maxTableEntries is the most entries of a table in any mode (32-bit).
+const maxTableEntries = 1024
 
 // pend is the state of an entry write in progress (partial write).
 type pend struct {
@@ -148,9 +160,10 @@ type Store struct {
 	pages   arena[page]
 	shadows arena[[PageSize]byte] // indexed by page handle; its free list is unused
 	nodes   arena[node]
-	byPage  hindex // (vm, pfn) -> page
-	byPlace hindex // (root, level, va) -> current node
-	nstale  int    // stale nodes
+	links   arena[linkSet] // link sets of the nodes above level 1
+	byPage  hindex         // (vm, pfn) -> page
+	byPlace hindex         // (root, level, va) -> current node
+	nstale  int            // stale nodes
 	pend    []pend
 	st      StoreStats
 	// Clock, if set, stamps when a hooked page is read (see Write.Seen).
@@ -175,7 +188,8 @@ type StoreStats struct {
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	return &Store{pages: newArena[page](8), shadows: newArena[[PageSize]byte](4), nodes: newArena[node](8)}
+	return &Store{pages: newArena[page](8), shadows: newArena[[PageSize]byte](4), nodes: newArena[node](8),
+		links: newArena[linkSet](4)}
 }
 
 // Stats returns the store's counters.
@@ -189,7 +203,7 @@ func (s *Store) Stats() StoreStats {
 // HostBytes returns the host memory held by the store's arenas and indexes.
 func (s *Store) HostBytes() uintptr {
 	return s.pages.bytes(unsafe.Sizeof(page{})) + s.shadows.bytes(PageSize) +
-		s.nodes.bytes(unsafe.Sizeof(node{})) + s.byPage.bytes() + s.byPlace.bytes() +
+		s.nodes.bytes(unsafe.Sizeof(node{})) + s.links.bytes(unsafe.Sizeof(linkSet{})) + s.byPage.bytes() + s.byPlace.bytes() +
 		uintptr(cap(s.pend))*unsafe.Sizeof(pend{})
 }
 
@@ -288,6 +302,9 @@ func (s *Store) emitHook(n *node, i int, e uint64, report bool, out *Output) {
 	}
 	r.admitted.Add(1)
 	vm.admitted.Add(1)
+	if n.links != 0 {
+		s.links.at(n.links)[i/64] |= 1 << (i % 64)
+	}
 	out.Reqs = append(out.Reqs, req)
 }
 
@@ -301,7 +318,16 @@ func Dropped(req *Request) {
 	}
 }
 
+// emitUnhook appends an unhook request for the table that entry i (value e)
+// of node n linked, if its hook was admitted.
 func (s *Store) emitUnhook(n *node, i int, e uint64, out *Output) {
+	if n.links != 0 {
+		ls, bit := s.links.at(n.links), uint64(1)<<(i%64)
+		if ls[i/64]&bit == 0 {
+			return
+		}
+		ls[i/64] &^= bit
+	}
 	r := n.root
 	out.Reqs = append(out.Reqs, Request{
 		Root: r, GPA: r.Mode.TableAddr(e), VA: r.Mode.EntryVA(n.va, int(n.level), i),
@@ -391,6 +417,9 @@ func (s *Store) Hook(req *Request, out *Output) HookResult {
 	n := s.nodes.at(nh)
 	*n = node{root: r, va: req.VA, anc: req.Anc, page: ph, next: p.head, gen: r.gen.Add(1),
 		pgen: req.PGen, off: uint16(req.GPA % PageSize), level: req.Level}
+	if req.Level > 1 {
+		n.links = s.links.alloc() // released zeroed
+	}
 	if p.head != 0 {
 		s.nodes.at(p.head).prev = nh
 	}
@@ -559,6 +588,9 @@ func (s *Store) unhookNode(nh uint32, out *Output) {
 	r.tables.Add(-1)
 	r.VM.tables.Add(-1)
 	vm := r.VM
+	if n.links != 0 {
+		s.links.release(n.links)
+	}
 	s.nodes.release(nh)
 	s.st.Unhooks++
 	p.refs--
