@@ -151,6 +151,40 @@ func (r *Ring[T]) DequeueBatch(dst []T) int {
 	}
 }
 
+// Claim takes up to max of the oldest values for the caller to read in
+// place, with At(pos), ..., At(pos+n-1), and returns n (0 if the Ring is
+// empty). The values are claimed with a single compare-and-swap, as by
+// DequeueBatch, but their slots stay taken, and producers cannot reuse them,
+// until the caller releases them with Release(pos, n). A consumer that
+// processes values in place spares copying them out.
+func (r *Ring[T]) Claim(max int) (pos uint64, n int) {
+	limit := uint64(min(max, len(r.slot)))
+	for {
+		pos = r.head.Load()
+		var k uint64
+		for k < limit && r.slot[(pos+k)&r.mask].seq.Load() == pos+k+1 {
+			k++
+		}
+		if k == 0 {
+			return pos, 0
+		}
+		if r.head.CompareAndSwap(pos, pos+k) {
+			return pos, int(k)
+		}
+	}
+}
+
+// At returns the value at position pos, claimed by the caller with Claim.
+func (r *Ring[T]) At(pos uint64) *T { return &r.slot[pos&r.mask].val }
+
+// Release frees the n slots from position pos, claimed with Claim, for the
+// producers. The values must not be used afterwards.
+func (r *Ring[T]) Release(pos uint64, n int) {
+	for i := range uint64(n) {
+		r.slot[(pos+i)&r.mask].seq.Store(pos + i + r.mask + 1)
+	}
+}
+
 // TryEnqueueBatch appends a prefix of vs to the Ring as one contiguous run,
 // claimed with a single compare-and-swap, and returns its length: 0 if the
 // Ring is full, less than len(vs) if it has room for fewer.

@@ -171,7 +171,6 @@ type Shard struct {
 	spaceWaiters atomic.Int32
 	runMu        sync.Mutex // serializes Run once the worker has stopped
 	out          vasmon.Output
-	batch        []Event
 
 	mu      sync.Mutex
 	inbox   []Msg
@@ -219,7 +218,7 @@ func New(cfg Config, sink Sink) *Shard {
 	st := vasmon.NewStore()
 	st.Clock = Now
 	s := &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
-		batch: make([]Event, cfg.MaxBatch), wake: make(chan struct{}, 1), done: make(chan struct{}),
+		wake: make(chan struct{}, 1), done: make(chan struct{}),
 		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
 		loc: local{group: 1, vm: make([]vmLocal, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
 			isDirty: make([]bool, cfg.MaxSlots)}}
@@ -349,11 +348,12 @@ func (s *Shard) run(ready chan struct{}) {
 		if len(s.deferred) > 0 {
 			s.release()
 		}
-		if n := s.q.DequeueBatch(s.batch); n > 0 {
-			s.wakeSpaceWaiters()
-			for i := range s.batch[:n] {
-				s.process(&s.batch[i])
+		if pos, n := s.q.Claim(s.cfg.MaxBatch); n > 0 {
+			for i := range uint64(n) {
+				s.process(s.q.At(pos + i))
 			}
+			s.q.Release(pos, n)
+			s.wakeSpaceWaiters()
 			// Publish partial-write state before counting the batch
 			// processed: Engine.Sync reads them in the other order.
 			s.publish()
