@@ -741,14 +741,8 @@ func TestStartStopAcrossClose(t *testing.T) {
 // Submit time): an event the backend saw before a hook read its page is
 // dropped as already in the read, and counted stale.
 func TestBackendSeen(t *testing.T) {
-	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
-	cr3 := g.AllocTable()
-	tab, flags := cr3, vasmon.BitP|vasmon.BitRW|vasmon.BitUS
-	for l := 4; l > 1; l-- {
-		nt := g.AllocTable()
-		g.SetEntry(tab, 0, nt|flags)
-		tab = nt
-	}
+	g, cr3, tab := chainGuest()
+	flags := vasmon.BitP | vasmon.BitRW | vasmon.BitUS
 	leaf := uint64(0x123000) | flags
 	g.SetEntry(tab, 7, leaf)
 	e, err := engine.New(engine.Config{Shards: 2, NoPin: true})
@@ -806,14 +800,8 @@ func TestLatencyTiming(t *testing.T) {
 		{"slow", 100 * time.Microsecond, 50 * time.Microsecond},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
-			cr3 := g.AllocTable()
-			tab, flags := cr3, vasmon.BitP|vasmon.BitRW|vasmon.BitUS
-			for l := 4; l > 1; l-- {
-				nt := g.AllocTable()
-				g.SetEntry(tab, 0, nt|flags)
-				tab = nt
-			}
+			g, cr3, tab := chainGuest()
+			flags := vasmon.BitP | vasmon.BitRW | vasmon.BitUS
 			e, err := engine.New(engine.Config{Shards: 1, NoPin: true})
 			if err != nil {
 				t.Fatal(err)
@@ -944,4 +932,18 @@ func TestAliasBomb(t *testing.T) {
 	if st.Tables != 0 || prot.Count() != 0 {
 		t.Errorf("after Stop: %d tables, %d pages protected", st.Tables, prot.Count())
 	}
+}
+
+// chainGuest returns a 4-level guest whose root links one table per level
+// through entry 0, and its level-1 table (empty).
+func chainGuest() (g *vasmontest.Guest, cr3, l1 uint64) {
+	g = vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
+	cr3 = g.AllocTable()
+	l1 = cr3
+	for l := 4; l > 1; l-- {
+		nt := g.AllocTable()
+		g.SetEntry(l1, 0, nt|vasmon.BitP|vasmon.BitRW|vasmon.BitUS)
+		l1 = nt
+	}
+	return g, cr3, l1
 }

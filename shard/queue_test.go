@@ -338,25 +338,7 @@ func TestEnqueueBatch(t *testing.T) {
 func TestEnqueueBatchConcurrent(t *testing.T) {
 	const producers, per = 4, 20000
 	r := NewRing[[2]int](64)
-	var wg sync.WaitGroup
-	for p := 0; p < producers; p++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var buf [7][2]int
-			for i := 0; i < per; {
-				k := 0
-				for ; k < len(buf) && i+k < per; k++ {
-					buf[k] = [2]int{p, i + k}
-				}
-				n := r.TryEnqueueBatch(buf[:k])
-				if n == 0 {
-					runtime.Gosched()
-				}
-				i += n
-			}
-		}()
-	}
+	wg := produceBatches(r, producers, per)
 	next := make([]int, producers)
 	got := 0
 	dst := make([][2]int, 32)
@@ -381,25 +363,7 @@ func TestEnqueueBatchConcurrent(t *testing.T) {
 func TestClaimConcurrent(t *testing.T) {
 	const producers, per = 4, 20000
 	r := NewRing[[2]int](64)
-	var wg sync.WaitGroup
-	for p := 0; p < producers; p++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var buf [7][2]int
-			for i := 0; i < per; {
-				k := 0
-				for ; k < len(buf) && i+k < per; k++ {
-					buf[k] = [2]int{p, i + k}
-				}
-				n := r.TryEnqueueBatch(buf[:k])
-				if n == 0 {
-					runtime.Gosched()
-				}
-				i += n
-			}
-		}()
-	}
+	wg := produceBatches(r, producers, per)
 	next := make([]int, producers)
 	for got := 0; got < producers*per; {
 		pos, n := r.Claim(32)
@@ -447,4 +411,29 @@ func TestClaimHoldsSlots(t *testing.T) {
 	if v, ok := r.TryDequeue(); !ok || v != 3 {
 		t.Fatalf("after release: %d %v, want 3", v, ok)
 	}
+}
+
+// produceBatches starts producers goroutines that enqueue [producer, i] for
+// i < per in batches of up to 7.
+func produceBatches(r *Ring[[2]int], producers, per int) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	for p := 0; p < producers; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var buf [7][2]int
+			for i := 0; i < per; {
+				k := 0
+				for ; k < len(buf) && i+k < per; k++ {
+					buf[k] = [2]int{p, i + k}
+				}
+				n := r.TryEnqueueBatch(buf[:k])
+				if n == 0 {
+					runtime.Gosched()
+				}
+				i += n
+			}
+		}()
+	}
+	return &wg
 }
