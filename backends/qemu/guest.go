@@ -54,6 +54,7 @@ type Guest struct {
 	consoleTail         []string
 	paused              atomic.Bool
 	drained             atomic.Uint64 // records consumed and submitted
+	tableStores, narrow atomic.Uint64 // stores to protected pages (per page touched); of which narrower than 8 bytes
 	submitted, rejected atomic.Uint64
 	quitDrain, quitLife chan struct{}
 	drainDone, lifeDone chan struct{}
@@ -75,7 +76,13 @@ type GuestStats struct {
 	Plugin    Counters // the plugin's counters (zero with NoPlugin)
 	Submitted uint64   // events submitted to the host
 	Rejected  uint64   // events the host refused (it was closing, or the VM unknown)
-	Roots     RootStats
+	// TableStores are the guest's stores to write-protected pages (to its
+	// hooked page tables, or to freed ones not yet released), counted once
+	// per page a store touched, from the records: a store touching several
+	// entries makes one record per entry. NarrowStores are those of fewer
+	// than 8 bytes (bit operations on an entry).
+	TableStores, NarrowStores uint64
+	Roots                     RootStats
 	// Boot is the time from starting QEMU to the workload's start; Workload
 	// from its start to its end (0 if it did not finish).
 	Boot, Workload, Wall time.Duration
@@ -315,6 +322,12 @@ func (g *Guest) drain() {
 				g.newPGD(r.GPA)
 				return
 			}
+			if r.GPA == r.StoreGPA&^7 { // the first entry the store touched on this page
+				g.tableStores.Add(1)
+				if r.Size < 8 {
+					g.narrow.Add(1)
+				}
+			}
 			g.watchRoot(r)
 			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, RIP: r.RIP, Size: 8, Trap: r.TS - g.clockOff, Seen: r.TS - g.clockOff})
 		})
@@ -468,6 +481,7 @@ func (g *Guest) cleanup(unmap bool) {
 // Stats returns the guest's counters.
 func (g *Guest) Stats() GuestStats {
 	s := GuestStats{VM: g.ID, Plugin: g.Counters(), Submitted: g.submitted.Load(), Rejected: g.rejected.Load(),
+		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(),
 		Roots: g.ls.snapshot(), Wall: time.Since(g.started)}
 	if g.closedAt != 0 {
 		s.Wall = g.closedAt

@@ -312,7 +312,7 @@ func TestRateAndBurst(t *testing.T) {
 }
 
 func TestConfig(t *testing.T) {
-	if got := sim.Profiles(); !reflect.DeepEqual(got, []string{"idle", "web", "build", "forkstorm", "windows"}) {
+	if got := sim.Profiles(); !reflect.DeepEqual(got, []string{"idle", "web", "build", "forkstorm", "windows", "linux"}) {
 		t.Errorf("Profiles() = %v", got)
 	}
 	for _, tc := range []struct {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"flag"
+	"strings"
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/sim"
@@ -23,7 +24,7 @@ func (f *simFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.vms, "vms", 8, "sim, kvm: number of VMs")
 	fs.IntVar(&f.vcpus, "vcpus", 2, "sim, kvm: vCPUs per VM")
 	fs.IntVar(&f.procs, "processes", 4, "sim: processes per VM at start")
-	fs.StringVar(&f.profile, "profile", "web", "sim: workload profile (idle, web, build, forkstorm, windows)")
+	fs.StringVar(&f.profile, "profile", "web", "sim: workload profile ("+strings.Join(sim.Profiles(), ", ")+")")
 	fs.StringVar(&f.mode, "mode", "mixed", "sim, kvm: paging mode (32-bit, pae, 4-level, 5-level, or mixed: VM i uses mode i mod 4)")
 	fs.Uint64Var(&f.seed, "seed", 1, "sim, kvm: random seed")
 	fs.Float64Var(&f.rate, "rate", 20000, "sim: trapped events per second per VM (0: as fast as possible)")

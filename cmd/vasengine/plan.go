@@ -51,7 +51,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 		fs.Var(fl.Value, name, fl.Usage)
 	}
 	fs.StringVar(&f.fromReport, "from-report", "", "read the cost curve from this saved `go test -bench` output (BenchmarkLatency lines, e.g. bench/results/bench.txt) instead of measuring it")
-	fs.StringVar(&f.profile, "profile", "web", "simulator profile the cost curve is measured with, and the workload unless -trace or -prom (idle, web, build, forkstorm, windows)")
+	fs.StringVar(&f.profile, "profile", "web", "simulator profile the cost curve is measured with, and the workload unless -trace or -prom ("+strings.Join(sim.Profiles(), ", ")+")")
 	fs.Float64Var(&f.vmRate, "vm-rate", defaultVMRate, "events/s each VM produces under -profile (a profile has no rate of its own: say what your guests do)")
 	fs.StringVar(&f.tracePath, "trace", "", "take the workload from this recorded trace (rates per VM, bursts, tables)")
 	fs.StringVar(&f.promPath, "prom", "", "take the workload from this Prometheus text snapshot of vasengine's /metrics")
