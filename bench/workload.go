@@ -133,62 +133,48 @@ type Pacing struct {
 }
 
 // Paced submits events at rate events/s in total for d, open loop, in
-// batches of batch events per VM producer. Each event's trap is stamped by
-// the engine when Submit receives it (Trap 0), as a backend stamps a trap
-// when it happens: the latency measured is the engine's, including any
-// wait in a full queue. The producers' own lateness is reported apart.
+// batches of batch events, from one goroutine that takes the VMs in turn
+// (one pacer keeps the schedule on a machine with few cores, where several
+// spinning producers would crowd out the workers). Each event's trap is
+// stamped by the engine when Submit receives it (Trap 0), as a backend
+// stamps a trap when it happens: the latency measured is the engine's,
+// including any wait in a full queue. The pacer's own lateness is reported
+// apart.
 func (w *Workload) Paced(submit Submitter, rate float64, d time.Duration, batch int) Pacing {
-	var wg sync.WaitGroup
-	var mu sync.Mutex
+	buf := make([]shard.Event, batch)
+	at := make([]int, len(w.Events))
 	var lags []time.Duration
-	total := 0
-	perVM := rate / float64(len(w.Events))
+	interval := float64(batch) / rate // seconds per batch
+	sent := 0
 	start := time.Now()
-	for v := range w.Events {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			evs := w.Events[v]
-			buf := make([]shard.Event, batch)
-			var my []time.Duration
-			at, sent := 0, 0
-			interval := float64(batch) / perVM // seconds per batch
-			for k := 0; ; k++ {
-				due := time.Duration(float64(k) * interval * 1e9)
-				if due >= d {
-					break
-				}
-				// Sleep while the due time is far (timers are coarse: a
-				// sleep may last a millisecond more than asked), then
-				// yield until it comes, so batches go out evenly.
-				for {
-					wait := due - time.Since(start)
-					if wait <= 0 {
-						break
-					}
-					if wait > 3*time.Millisecond {
-						time.Sleep(wait - 2*time.Millisecond)
-					} else {
-						runtime.Gosched()
-					}
-				}
-				for i := range buf {
-					buf[i] = evs[at]
-					buf[i].Trap = 0
-					at = (at + 1) % len(evs)
-				}
-				my = append(my, time.Since(start)-due)
-				submit(vasmon.VMID(v+1), buf)
-				sent += batch
+	for k := 0; ; k++ {
+		due := time.Duration(float64(k) * interval * 1e9)
+		if due >= d {
+			break
+		}
+		// Sleep while the due time is far (timers are coarse: a sleep may
+		// last a millisecond more than asked), then poll until it comes.
+		for {
+			wait := due - time.Since(start)
+			if wait <= 0 {
+				break
 			}
-			mu.Lock()
-			total += sent
-			lags = append(lags, my...)
-			mu.Unlock()
-		}()
+			if wait > 3*time.Millisecond {
+				time.Sleep(wait - 2*time.Millisecond)
+			}
+		}
+		v := k % len(w.Events)
+		evs := w.Events[v]
+		for i := range buf {
+			buf[i] = evs[at[v]]
+			buf[i].Trap = 0
+			at[v] = (at[v] + 1) % len(evs)
+		}
+		lags = append(lags, time.Since(start)-due)
+		submit(vasmon.VMID(v+1), buf)
+		sent += batch
 	}
-	wg.Wait()
-	p := Pacing{Sent: total}
+	p := Pacing{Sent: sent}
 	if len(lags) > 0 {
 		slices.Sort(lags)
 		p.LagP99 = lags[len(lags)*99/100]
