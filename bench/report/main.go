@@ -345,7 +345,7 @@ func plotLatency(rs map[string]result, path string) error {
 	}
 	p := plot.New()
 	p.Title.Text = "Trap-to-callback latency against load (open loop)"
-	p.X.Label.Text = "offered load (% of the measured maximum of the configuration)"
+	p.X.Label.Text = "offered load (% of the configuration's measured maximum)"
 	p.Y.Label.Text = "latency (us, log scale)"
 	p.Y.Scale = plot.LogScale{}
 	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
@@ -376,10 +376,11 @@ func plotLatency(rs map[string]result, path string) error {
 		p.Add(floor)
 		p.Legend.Add("machine p99 floor", floor)
 	}
-	p.Y.Min = min(p.Y.Min, 10) // keep the budget line in view
+	p.Y.Min = min(p.Y.Min, 1) // keep the budget line in view
+	p.Y.Max *= 1000           // room for the legend above the lines
 	p.Legend.Top = true
 	p.Legend.Left = true
-	return p.Save(7*vg.Inch, 4*vg.Inch, path)
+	return p.Save(7*vg.Inch, 5*vg.Inch, path)
 }
 
 func plotThroughput(rs map[string]result, path string) error {
