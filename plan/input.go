@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,10 +29,14 @@ var benchLine = regexp.MustCompile(`^(Benchmark\S+?)(-\d+)?\s+(\d+)\s+(.*)$`)
 // and returns the cost curve of its BenchmarkLatency/... lines (metrics
 // offered-events/s, p50-ns, p99-ns, p999-ns; lines without offered-events/s
 // and p99-ns are skipped) and the bytes per table of
-// BenchmarkStartMonitor/engine (0 if absent). A name that appears more than
-// once (-count) is merged into one point keeping its worst figures.
-func ParseReport(r io.Reader) (pts []Point, bytesPerTable float64, err error) {
+// BenchmarkStartMonitor/engine (0 if absent). Of lines named
+// BenchmarkLatency/shards=N/..., only those with N == shards are kept (their
+// label is what follows); older reports' BenchmarkLatency/load=... lines are
+// kept whatever shards is. A name that appears more than once (-count) is
+// merged into one point keeping its worst figures.
+func ParseReport(r io.Reader, shards int) (pts []Point, bytesPerTable float64, err error) {
 	byName := map[string]int{}
+	var others []string // shard counts of the lines left out
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -50,6 +55,16 @@ func ParseReport(r io.Reader) (pts []Point, bytesPerTable float64, err error) {
 			bytesPerTable = max(bytesPerTable, metrics["bytes/table"])
 		}
 		label, ok := strings.CutPrefix(m[1], "BenchmarkLatency/")
+		if rest, sharded := strings.CutPrefix(label, "shards="); ok && sharded {
+			n, after, _ := strings.Cut(rest, "/")
+			if n != strconv.Itoa(shards) {
+				if !slices.Contains(others, n) {
+					others = append(others, n)
+				}
+				continue
+			}
+			label = after
+		}
 		offered, ok1 := metrics["offered-events/s"]
 		p99, ok2 := metrics["p99-ns"]
 		if !ok || !ok1 || !ok2 || offered <= 0 {
@@ -67,6 +82,9 @@ func ParseReport(r io.Reader) (pts []Point, bytesPerTable float64, err error) {
 	}
 	if err := sc.Err(); err != nil {
 		return nil, 0, err
+	}
+	if len(pts) == 0 && len(others) > 0 {
+		return nil, 0, fmt.Errorf("no latency points for %d shards (the report has them for %s shards)", shards, strings.Join(others, ", "))
 	}
 	if len(pts) == 0 {
 		return nil, 0, errors.New("no latency points (BenchmarkLatency/... lines with offered-events/s and p99-ns)")

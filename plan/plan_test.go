@@ -154,7 +154,7 @@ PASS
 `
 
 func TestParseReport(t *testing.T) {
-	pts, bpt, err := ParseReport(strings.NewReader(benchOut))
+	pts, bpt, err := ParseReport(strings.NewReader(benchOut), 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,9 +175,32 @@ func TestParseReport(t *testing.T) {
 	}
 	for _, bad := range []string{"", "PASS\n", "BenchmarkThroughput/shards=2/batch=256-2 100 10 ns/op 5 events/s\n",
 		"BenchmarkLatency/load=10%-2 100 10 ns/op 5 p99-ns\n"} {
-		if _, _, err := ParseReport(strings.NewReader(bad)); err == nil {
+		if _, _, err := ParseReport(strings.NewReader(bad), 2); err == nil {
 			t.Errorf("ParseReport(%q): no error", bad)
 		}
+	}
+}
+
+// TestParseReportShards: of a report with latency lines per shard count,
+// only the requested count's are read; a count it lacks is an error that
+// names the counts it has.
+func TestParseReportShards(t *testing.T) {
+	const out = `BenchmarkLatency/shards=1/load=50%-2   100   10 ns/op   1000 offered-events/s   5 p50-ns   7 p99-ns   9 p999-ns
+BenchmarkLatency/shards=2/load=50%-2   100   10 ns/op   2000 offered-events/s   6 p50-ns   8 p99-ns   9 p999-ns
+BenchmarkLatency/shards=2/load=90%-2   100   10 ns/op   3000 offered-events/s   6 p50-ns   8 p99-ns   9 p999-ns
+`
+	pts, _, err := ParseReport(strings.NewReader(out), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pts) != 2 || pts[0].Label != "load=50%" || pts[0].Offered != 2000 || pts[1].Offered != 3000 {
+		t.Fatalf("2 shards: %+v", pts)
+	}
+	if pts, _, err = ParseReport(strings.NewReader(out), 1); err != nil || len(pts) != 1 || pts[0].Offered != 1000 {
+		t.Fatalf("1 shard: %+v, %v", pts, err)
+	}
+	if _, _, err = ParseReport(strings.NewReader(out), 4); err == nil || !strings.Contains(err.Error(), "1, 2") {
+		t.Fatalf("4 shards: %v", err)
 	}
 }
 

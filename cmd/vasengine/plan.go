@@ -50,7 +50,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 		fl := all.Lookup(name)
 		fs.Var(fl.Value, name, fl.Usage)
 	}
-	fs.StringVar(&f.fromReport, "from-report", "", "read the cost curve from this saved `go test -bench` output (BenchmarkLatency lines, e.g. bench/results/bench.txt) instead of measuring it")
+	fs.StringVar(&f.fromReport, "from-report", "", "read the cost curve from this saved `go test -bench` output (its BenchmarkLatency lines for -shards, e.g. bench/results/bench.txt) instead of measuring it")
 	fs.StringVar(&f.profile, "profile", "web", "simulator profile the cost curve is measured with, and the workload unless -trace or -prom ("+strings.Join(sim.Profiles(), ", ")+")")
 	fs.Float64Var(&f.vmRate, "vm-rate", defaultVMRate, "events/s each VM produces under -profile (a profile has no rate of its own: say what your guests do)")
 	fs.StringVar(&f.tracePath, "trace", "", "take the workload from this recorded trace (rates per VM, bursts, tables)")
@@ -129,7 +129,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		MemBytes: mem, MaxVMs: 1024} // engine.New's default MaxVMs (no flag changes it)
 	var bptNote string
 	if f.fromReport != "" {
-		pts, bpt, err := readReport(f.fromReport)
+		pts, bpt, err := readReport(f.fromReport, cfg.Shards)
 		if err != nil {
 			return err
 		}
@@ -267,13 +267,13 @@ func resolvePlot(path string) (string, error) {
 	return path, nil
 }
 
-func readReport(path string) ([]plan.Point, float64, error) {
+func readReport(path string, shards int) ([]plan.Point, float64, error) {
 	file, err := os.Open(path)
 	if err != nil {
 		return nil, 0, usagef("-from-report: %v", err)
 	}
 	defer file.Close()
-	pts, bpt, err := plan.ParseReport(file)
+	pts, bpt, err := plan.ParseReport(file, shards)
 	if err != nil {
 		return nil, 0, usagef("-from-report %s: %v", path, err)
 	}
