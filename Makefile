@@ -24,6 +24,10 @@ test:
 	$(GO) vet $(PKGS)
 	$(GO) test -count=1 $(PKGS)
 	$(GO) test -count=1 -short -race $(RACE_PKGS)
+	@# go test hides the output of passing packages: say which real-guest
+	@# tests skipped, and why.
+	@$(GO) test -count=1 -v -run '^$$' ./backends/qemu/ 2>&1 | grep 'SKIPPED' || echo "make test: the QEMU real-Linux tests were not skipped"
+	@$(GO) test -count=1 -v ./backends/kvm/ 2>&1 | grep -m1 'SKIPPED' || echo "make test: the KVM tests were not skipped"
 
 # Only the real-Linux QEMU tests, verbose (they also run in `make test`; ~1 min).
 test-qemu:
