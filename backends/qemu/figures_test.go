@@ -146,15 +146,7 @@ func measure(t *testing.T, host engine.Host, cfg qemu.Config, req backends.Reque
 		t.Fatal(err)
 	}
 	defer g.Close(context.Background())
-	for !g.WorkloadStarted() {
-		select {
-		case <-g.Exited():
-			t.Fatalf("guest exited early: %v", g.Stats().Exit)
-		case <-ctx.Done():
-			t.Fatalf("workload did not start; console ends:\n%s", con)
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	waitWorkload(ctx, t, g, con)
 	c0, cpu0, q0, s0 := g.Counters(), cpuSelf(), g.QEMUCPU(), g.Stats()
 	for !g.WorkloadDone() {
 		select {

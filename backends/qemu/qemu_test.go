@@ -116,15 +116,7 @@ func TestLinuxForkOracle(t *testing.T) {
 	}
 	defer g.Close(context.Background())
 
-	for !g.WorkloadStarted() {
-		select {
-		case <-g.Exited():
-			t.Fatalf("guest exited before its workload started: %v", g.Stats().Exit)
-		case <-ctx.Done():
-			t.Fatal("workload did not start")
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
+	waitWorkload(ctx, t, g, nil)
 
 	base := map[*backends.RootInfo]*tracked{}
 	var compared, applied, retired, mappings int
@@ -344,5 +336,23 @@ func TestRunTwoGuests(t *testing.T) {
 	}
 	if st.Submitted != st.Processed+st.Rejected {
 		t.Errorf("engine accounting: submitted %d, processed %d, rejected %d", st.Submitted, st.Processed, st.Rejected)
+	}
+}
+
+// waitWorkload waits until g's workload has started; it fails t if the
+// guest exits or ctx ends first (showing the console's end, if given).
+func waitWorkload(ctx context.Context, t *testing.T, g *qemu.Guest, console fmt.Stringer) {
+	t.Helper()
+	for !g.WorkloadStarted() {
+		select {
+		case <-g.Exited():
+			t.Fatalf("guest exited before its workload started: %v", g.Stats().Exit)
+		case <-ctx.Done():
+			if console != nil {
+				t.Fatalf("workload did not start; console ends:\n%s", console)
+			}
+			t.Fatal("workload did not start")
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 }
