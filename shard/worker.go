@@ -211,7 +211,6 @@ func New(cfg Config, sink Sink) *Shard {
 	if cfg.Spin == 0 {
 		cfg.Spin = 50 * time.Microsecond
 	}
-
 	if cfg.PendingTimeout <= 0 {
 		cfg.PendingTimeout = time.Millisecond
 	}
@@ -518,17 +517,18 @@ func (s *Shard) invokeFrom(from int, trap int64) int {
 }
 
 // timeCallbacks records the latency of the callbacks invoked (or about to
-// be) since the last clock read, all with one read taken now. While
-// callbacks are fast, a group of up to maxTimedGroup is timed after they
-// ran: a callback's latency is never under-stated, and over-stated by at
-// most the time its group took (about 100 ns per nop callback and event
+// be) since the last clock read, all with one read taken now.
+//
+// While callbacks are fast, a group of up to maxTimedGroup is timed after
+// they ran: a callback's latency is never under-stated, and over-stated by
+// at most the time its group took (about 100 ns per nop callback and event
 // here, so under 3 us). Once the callbacks of a group took slowCallbacks or
 // more each, or after a pause, every callback is timed on its own, exactly,
 // as it starts, until they are fast again (a group that turns slow is
-// over-stated by up to its whole duration, once). A group ends with every batch and message, so
-// no idle time falls inside it. Reading the clock costs about 30 ns on the
-// project's machine (kvm-clock): once per callback it was a sixth of the
-// worker's time per event.
+// over-stated by up to its whole duration, once). A group ends with every
+// batch and message, so no idle time falls inside it. Reading the clock
+// costs about 30 ns on the project's machine (kvm-clock): once per callback
+// it was a sixth of the worker's time per event.
 func (s *Shard) timeCallbacks() {
 	l := &s.loc
 	if l.nuntimed == 0 {
