@@ -932,6 +932,9 @@ func TestAliasBomb(t *testing.T) {
 	if st.Tables != 0 || prot.Count() != 0 {
 		t.Errorf("after Stop: %d tables, %d pages protected", st.Tables, prot.Count())
 	}
+	if st.Hooks != uint64(vasmon.DefaultRootTables) || st.Unhooks != st.Hooks {
+		t.Errorf("%d tables hooked and %d unhooked, want the budget %d each", st.Hooks, st.Unhooks, vasmon.DefaultRootTables)
+	}
 }
 
 // chainGuest returns a 4-level guest whose root links one table per level

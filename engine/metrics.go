@@ -56,10 +56,12 @@ var (
 	dPartial    = desc("partial_writes", "Entry writes in progress (partially written entries).")
 	dExpired    = desc("partial_writes_expired_total", "Partial writes completed from guest memory after the pending timeout.")
 	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later hook had already read their page (the write was in the read).")
+	dHooks      = desc("table_hooks_total", "Page tables hooked (hook steps that hooked a table).")
+	dUnhooks    = desc("table_unhooks_total", "Page tables unhooked.")
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dRoots, dVMs, dShards}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -140,6 +142,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	m(dPartial, gaugeType, float64(partial))
 	m(dExpired, counterType, float64(expired))
 	m(dStale, counterType, float64(stale))
+	m(dHooks, counterType, float64(st.Hooks))
+	m(dUnhooks, counterType, float64(st.Unhooks))
 	m(dRoots, gaugeType, float64(st.Roots))
 	m(dVMs, gaugeType, float64(st.VMs))
 	m(dShards, gaugeType, float64(len(e.shards)))

@@ -100,7 +100,7 @@ var MetricNames = []string{
 	"vasengine_callback_panics_total", "vasengine_queue_depth", "vasengine_queue_capacity", "vasengine_batches_total",
 	"vasengine_batch_events_total", "vasengine_hooked_tables", "vasengine_table_host_bytes", "vasengine_hook_refusals_total",
 	"vasengine_structural_messages_total", "vasengine_held_requests", "vasengine_partial_writes",
-	"vasengine_partial_writes_expired_total", "vasengine_stale_writes_total", "vasengine_roots", "vasengine_vms", "vasengine_shards",
+	"vasengine_partial_writes_expired_total", "vasengine_stale_writes_total", "vasengine_table_hooks_total", "vasengine_table_unhooks_total", "vasengine_roots", "vasengine_vms", "vasengine_shards",
 }
 
 func itoa(v uint64) string {

@@ -15,6 +15,7 @@ type Stats struct {
 	Callbacks, OverBudget, Panics            uint64
 	Batches, BatchEvents                     uint64
 	Messages                                 uint64 // structural messages between shards
+	Hooks, Unhooks                           uint64 // tables hooked and unhooked since New
 	QueueLen                                 int
 	Tables, HostBytes                        int64
 	Refused                                  int64 // table hooks refused by budgets (current VMs)
@@ -86,6 +87,8 @@ func (e *Engine) Stats() Stats {
 		st.Batches += c.Batches.Load()
 		st.BatchEvents += c.BatchSum.Load()
 		st.Messages += c.MsgsIn.Load()
+		st.Hooks += c.Hooks.Load()
+		st.Unhooks += c.Unhooks.Load()
 		st.QueueLen += s.QueueLen()
 		st.Tables += s.Tables()
 		st.HostBytes += s.HostBytes()

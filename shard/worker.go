@@ -94,6 +94,8 @@ type Counters struct {
 	Supersedes atomic.Uint64 // hooks that found a table at the same place (store statistic)
 	Misses     atomic.Uint64 // unhooks of tables not hooked here (store statistic)
 	Stale      atomic.Uint64 // page writes seen before a hook read the page: already in the read, dropped
+	Hooks      atomic.Uint64 // tables hooked here (store statistic)
+	Unhooks    atomic.Uint64 // tables unhooked here (store statistic)
 	Batches    atomic.Uint64
 	BatchSum   atomic.Uint64
 }
@@ -423,6 +425,8 @@ func (s *Shard) publish() {
 	s.C.Supersedes.Store(st.Supersedes)
 	s.C.Misses.Store(st.UnhookMisses)
 	s.C.Stale.Store(st.Stale)
+	s.C.Hooks.Store(st.Hooks)
+	s.C.Unhooks.Store(st.Unhooks)
 	s.tables.Store(int64(st.Tables))
 	s.bytes.Store(int64(s.store.HostBytes()))
 }

@@ -108,8 +108,9 @@ func printSummary(w io.Writer, e *engine.Engine, p *progress, elapsed time.Durat
 	if p.peakTabs > 0 {
 		perTable = p.peakBytes / p.peakTabs
 	}
-	fmt.Fprintf(w, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d shards, %d callback panics\n",
-		p.peakTabs, bytesStr(p.peakBytes), perTable, len(e.Shards()), st.Panics)
+	fmt.Fprintf(w, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
+		p.peakTabs, bytesStr(p.peakBytes), perTable, st.Hooks, st.Unhooks,
+		float64(st.Hooks+st.Unhooks)/float64(max(1, st.Processed)), len(e.Shards()), st.Panics)
 }
 
 func row(tw io.Writer, name string, v *engine.VMStats, peak int64) {
