@@ -233,7 +233,7 @@ func NewNaive(w *Workload, cb vasmon.Callback) *Naive {
 func (n *Naive) run() {
 	for ev := range n.ch {
 		n.mu.Lock()
-		if t := n.tables[[2]uint64{uint64(ev.VM), ev.GPA >> 12}]; t != nil {
+		if t := n.tables[[2]uint64{uint64(ev.Slot), ev.GPA >> 12}]; t != nil {
 			i := (ev.GPA & 0xFFF) / 8
 			old := t[i]
 			t[i] = ev.Data
@@ -249,7 +249,7 @@ func (n *Naive) run() {
 // Submit sends each event on the channel.
 func (n *Naive) Submit(vm vasmon.VMID, evs []shard.Event) {
 	for _, ev := range evs {
-		ev.VM = uint32(vm)
+		ev.Slot = uint16(vm)
 		n.ch <- ev
 	}
 }

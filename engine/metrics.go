@@ -54,14 +54,17 @@ var (
 	dMessages   = desc("structural_messages_total", "Hook and unhook requests executed on another shard than the one that made them.")
 	dHeld       = desc("held_requests", "Hook requests held back behind in-flight unhooks of the same root.")
 	dPartial    = desc("partial_writes", "Entry writes in progress (partially written entries).")
-	dExpired    = desc("partial_writes_expired_total", "Partial writes completed from guest memory after the pending timeout.")
-	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later hook had already read their page (the write was in the read).")
+	dExpired    = desc("partial_writes_expired_total", "Partial writes ended with the bytes they had after the pending timeout (trap times).")
+	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later read of their page already held them (version stamps).")
+	dStaleReads = desc("stale_reads_total", "Tables guest memory no longer linked at their place when read: hooks dropped and tables unhooked early, nothing reported from them (no phantoms).")
+	dResyncs    = desc("page_resyncs_total", "Pages read again because a written value could no longer be proven in guest memory.")
+	dSteals     = desc("shard_steals_total", "Shard steps run by another thread than the shard's worker (an idle peer or a synchronous submitter).")
 	dHooks      = desc("table_hooks_total", "Page tables hooked (hook steps that hooked a table).")
 	dUnhooks    = desc("table_unhooks_total", "Page tables unhooked.")
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -83,12 +86,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for k, n := range st.Kinds {
 		m(dEvents, counterType, float64(n), vasmon.WriteKind(k).String())
 	}
-	// Per-VM series, bounded.
-	var other VMStats
-	haveOther := false
+	// Per-VM series, bounded: a VM in one of the first MaxVMLabels slots
+	// has its own (until its slot is reused); the others, and those whose
+	// slot was reused, are summed as "other".
+	e.slotMu.Lock()
+	other := VMStats{Submitted: e.gone.submitted, Kinds: e.gone.kinds}
+	e.slotMu.Unlock()
 	for _, v := range st.PerVM {
-		ve, ok := e.vms.Load(v.ID)
-		if ok && int(ve.slot) < e.cfg.MaxVMLabels {
+		if v.Slot < e.cfg.MaxVMLabels {
 			id := strconv.FormatUint(uint64(v.ID), 10)
 			for k, n := range v.Kinds {
 				m(dVMEvents, counterType, float64(n), id, vasmon.WriteKind(k).String())
@@ -96,13 +101,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			m(dVMSubmit, counterType, float64(v.Submitted), id)
 			continue
 		}
-		haveOther = true
 		other.Submitted += v.Submitted
 		for k := range v.Kinds {
 			other.Kinds[k] += v.Kinds[k]
 		}
 	}
-	if haveOther {
+	if len(st.PerVM) > e.cfg.MaxVMLabels || other.Submitted > 0 {
 		for k, n := range other.Kinds {
 			m(dVMEvents, counterType, float64(n), "other", vasmon.WriteKind(k).String())
 		}
@@ -131,17 +135,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	m(dRefused, counterType, float64(st.Refused+e.refusedGone.Load()))
 	m(dMessages, counterType, float64(st.Messages))
 	var held, partial int64
-	var expired, stale uint64
 	for _, s := range e.shards {
 		held += s.C.Held.Load()
 		partial += s.C.Partial.Load()
-		expired += s.C.Expired.Load()
-		stale += s.C.Stale.Load()
 	}
 	m(dHeld, gaugeType, float64(held))
 	m(dPartial, gaugeType, float64(partial))
-	m(dExpired, counterType, float64(expired))
-	m(dStale, counterType, float64(stale))
+	m(dExpired, counterType, float64(st.Expired))
+	m(dStale, counterType, float64(st.StaleWrites))
+	m(dStaleReads, counterType, float64(st.StaleReads))
+	m(dResyncs, counterType, float64(st.Resyncs))
+	m(dSteals, counterType, float64(st.Steals))
 	m(dHooks, counterType, float64(st.Hooks))
 	m(dUnhooks, counterType, float64(st.Unhooks))
 	m(dRoots, gaugeType, float64(st.Roots))

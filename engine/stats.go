@@ -8,7 +8,8 @@ import (
 	"github.com/vasengine/vasengine/vasmon"
 )
 
-// Stats is a snapshot of the engine's counters.
+// Stats is a snapshot of the engine's counters. Events count the parts of
+// stores split at a page boundary one by one.
 type Stats struct {
 	Submitted, Accepted, Rejected, Processed uint64
 	Kinds                                    [5]uint64 // by vasmon.WriteKind
@@ -16,17 +17,26 @@ type Stats struct {
 	Batches, BatchEvents                     uint64
 	Messages                                 uint64 // structural messages between shards
 	Hooks, Unhooks                           uint64 // tables hooked and unhooked since New
-	QueueLen                                 int
-	Tables, HostBytes                        int64
-	Refused                                  int64 // table hooks refused by budgets (current VMs)
-	Roots, VMs                               int
-	Latency                                  shard.HistSnapshot
-	PerVM                                    []VMStats
+	StaleWrites                              uint64 // writes already in their page's read, dropped
+	// StaleReads counts tables guest memory no longer linked at their
+	// place when they were read: hooks dropped, tables unhooked early.
+	StaleReads uint64
+	Resyncs    uint64 // pages read again (a value that could not be proven)
+	Expired    uint64 // partial writes ended after the pending timeout
+	Steals     uint64 // shard steps run by another thread than the shard's worker
+	QueueLen   int
+	Tables     int64
+	HostBytes  int64
+	Refused    int64 // table hooks refused by budgets (current VMs)
+	Roots, VMs int
+	Latency    shard.HistSnapshot
+	PerVM      []VMStats
 }
 
 // VMStats are one VM's counters.
 type VMStats struct {
 	ID                  vasmon.VMID
+	Slot                int  // the engine's counter slot of the VM
 	Removed             bool // RemoveVM was called; counters kept until the slot is reused
 	Submitted, Rejected uint64
 	Kinds               [5]uint64
@@ -67,7 +77,30 @@ func (v *VMStats) LatencyQuantile(q float64) time.Duration {
 	return time.Duration(min(uint64(1)<<b, 1<<62))
 }
 
-// Stats returns a snapshot. Counters are read one by one while workers run,
+// vmStats sums the counters of ve over the shards (those of its slot's
+// current generation).
+func (e *Engine) vmStats(ve *vmEntry) VMStats {
+	v := VMStats{ID: ve.vm.ID, Slot: int(ve.slot), Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
+		Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load()}
+	gen := e.slotGen[ve.slot].Load()
+	for _, s := range e.shards {
+		c := &s.VMs[ve.slot]
+		if c.Gen.Load() != gen {
+			continue // the shard has seen no event of this VM yet
+		}
+		for i := range v.Kinds {
+			v.Kinds[i] += c.Kinds[i].Load()
+		}
+		v.Callbacks += c.Callbacks.Load()
+		v.OverBudget += c.OverBudget.Load()
+		for b := range v.Latency {
+			v.Latency[b] += c.Latency[b].Load()
+		}
+	}
+	return v
+}
+
+// Stats returns a snapshot. Counters are read one by one while shards run,
 // so the snapshot is exact only when the engine is quiescent (after Sync).
 func (e *Engine) Stats() Stats {
 	var st Stats
@@ -89,6 +122,11 @@ func (e *Engine) Stats() Stats {
 		st.Messages += c.MsgsIn.Load()
 		st.Hooks += c.Hooks.Load()
 		st.Unhooks += c.Unhooks.Load()
+		st.StaleWrites += c.StaleWrites.Load()
+		st.StaleReads += c.StaleReads.Load()
+		st.Resyncs += c.Resyncs.Load()
+		st.Expired += c.Expired.Load()
+		st.Steals += c.Steals.Load()
 		st.QueueLen += s.QueueLen()
 		st.Tables += s.Tables()
 		st.HostBytes += s.HostBytes()
@@ -110,19 +148,8 @@ func (e *Engine) Stats() Stats {
 		if !removed[i] {
 			st.VMs++
 		}
-		v := VMStats{ID: ve.vm.ID, Removed: removed[i], Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
-			Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load()}
-		for _, s := range e.shards {
-			c := &s.VMs[ve.slot]
-			for i := range v.Kinds {
-				v.Kinds[i] += c.Kinds[i].Load()
-			}
-			v.Callbacks += c.Callbacks.Load()
-			v.OverBudget += c.OverBudget.Load()
-			for b := range v.Latency {
-				v.Latency[b] += c.Latency[b].Load()
-			}
-		}
+		v := e.vmStats(ve)
+		v.Removed = removed[i]
 		if !removed[i] {
 			st.Refused += v.Refused
 		}

@@ -189,6 +189,16 @@ func (r *Ring[T]) Release(pos uint64, n int) {
 // claimed with a single compare-and-swap, and returns its length: 0 if the
 // Ring is full, less than len(vs) if it has room for fewer.
 func (r *Ring[T]) TryEnqueueBatch(vs []T) int {
+	n, _ := r.tryEnqueueBatch(vs)
+	return n
+}
+
+// tryEnqueueBatch is TryEnqueueBatch that also returns the position of the
+// run's first value.
+func (r *Ring[T]) tryEnqueueBatch(vs []T) (int, uint64) {
+	if len(vs) == 0 {
+		return 0, r.tail.Load()
+	}
 	limit := uint64(min(len(vs), len(r.slot)))
 	for {
 		pos := r.tail.Load()
@@ -198,7 +208,7 @@ func (r *Ring[T]) TryEnqueueBatch(vs []T) int {
 		}
 		if n == 0 {
 			if seq := r.slot[pos&r.mask].seq.Load(); int64(seq-pos) < 0 {
-				return 0 // the slot still holds the value of position pos-Cap
+				return 0, pos // the slot still holds the value of position pos-Cap
 			}
 			continue // another producer took pos
 		}
@@ -213,6 +223,6 @@ func (r *Ring[T]) TryEnqueueBatch(vs []T) int {
 			s.val = vs[i]
 			s.seq.Store(pos + i + 1)
 		}
-		return int(n)
+		return int(n), pos
 	}
 }

@@ -18,27 +18,53 @@ func (p *nopProt) Unprotect(uint64) error { p.unprotects++; return nil }
 
 // steady is a monitored root with a level-1 table holding one leaf (at
 // vaX), and a prefilled level-1 table that can be linked next to it: the
-// fixture of the allocation tests and the write benchmarks. Its write
-// events are precomputed, so that only the monitor runs.
+// fixture of the allocation tests and the write benchmarks. Each write is a
+// store of the guest (memory written, the page's version stamped, as a
+// backend traps it) fed to the monitor.
 type steady struct {
+	g     *vasmontest.Guest
 	mon   *vasmon.Monitor
 	prot  *nopProt
 	calls int
 	// Leaf writes: the leaf with RW cleared, then set again.
-	leaf [2]vasmon.Write
-	// The same two changes, each as two half-entry chunks.
-	halves [4]vasmon.Write
+	leaf [2]store
+	// The same two changes, each as a partial chunk and the chunk that
+	// completes it.
+	halves [4]store
 	// A/D-only changes of the leaf.
-	ad [2]vasmon.Write
+	ad [2]store
 	// Link and unlink of a level-1 table holding nLinked leaves.
-	link [2]vasmon.Write
+	link [2]store
+}
+
+// store is one guest store.
+type store struct {
+	gpa, v, rip uint64
+	size        int
 }
 
 const nLinked = 8
 
+// verProt is nopProt that keeps the guest's version words.
+type verProt struct {
+	nopProt
+	g *vasmontest.Guest
+}
+
+func (p *verProt) Protect(gpa uint64) error {
+	p.g.Ver.SetProtected(gpa, true)
+	return p.nopProt.Protect(gpa)
+}
+
+func (p *verProt) Unprotect(gpa uint64) error {
+	p.g.Ver.SetProtected(gpa, false)
+	return p.nopProt.Unprotect(gpa)
+}
+
 func newSteady(tb testing.TB, mode vasmon.Mode) *steady {
 	h := &harness{t: tb, mode: mode, g: vasmontest.NewGuest(mode, hRAM, hBase)}
-	s := &steady{mon: vasmon.NewMonitor(), prot: &nopProt{}}
+	vp := &verProt{g: h.g}
+	s := &steady{g: h.g, mon: vasmon.NewMonitor(), prot: &vp.nopProt}
 	cr3 := h.table()
 	t1 := h.path(cr3, vaX, 1, false)
 	t2 := h.path(cr3, vaX, 2, false)
@@ -46,29 +72,29 @@ func newSteady(tb testing.TB, mode vasmon.Mode) *steady {
 	e := h.leaf(0x1234000, 1)
 	h.g.SetEntry(t1, h.idx(vaX, 1), e)
 	gpa := t1 + uint64(h.idx(vaX, 1)*esz)
-	full := func(v, old uint64) vasmon.Write {
-		return vasmon.Write{GPA: gpa, Data: v, Old: old, HasOld: true, Size: uint8(esz)}
+	full := func(v uint64) store { return store{gpa: gpa, v: v, size: esz} }
+	s.leaf = [2]store{full(e ^ rwBit), full(e)}
+	s.ad = [2]store{full(e | vasmon.BitA | vasmon.BitD), full(e)}
+	// 8-byte entries: two 4-byte halves; 4-byte entries: 3 bytes, then
+	// the last byte (a narrow write, which completes the pending one).
+	first := esz / 2
+	if esz == 4 {
+		first = 3
 	}
-	s.leaf = [2]vasmon.Write{full(e^rwBit, e), full(e, e^rwBit)}
-	s.ad = [2]vasmon.Write{full(e|vasmon.BitA|vasmon.BitD, e), full(e, e|vasmon.BitA|vasmon.BitD)}
-	half := esz / 2
-	lo := func(v uint64) uint64 { return v & (1<<(8*half) - 1) }
-	s.halves = [4]vasmon.Write{
-		{GPA: gpa, Data: lo(e ^ rwBit), Old: e, HasOld: true, Size: uint8(half), RIP: 1},
-		{GPA: gpa + uint64(half), Data: (e ^ rwBit) >> (8 * half), Size: uint8(half), RIP: 2},
-		{GPA: gpa, Data: lo(e), Old: e ^ rwBit, HasOld: true, Size: uint8(half), RIP: 1},
-		{GPA: gpa + uint64(half), Data: e >> (8 * half), Size: uint8(half), RIP: 2},
+	lo := func(v uint64) uint64 { return v & (1<<(8*first) - 1) }
+	s.halves = [4]store{
+		{gpa: gpa, v: lo(e ^ rwBit), size: first, rip: 1},
+		{gpa: gpa + uint64(first), v: (e ^ rwBit) >> (8 * first), size: esz - first, rip: 2},
+		{gpa: gpa, v: lo(e), size: first, rip: 1},
+		{gpa: gpa + uint64(first), v: e >> (8 * first), size: esz - first, rip: 2},
 	}
 	tt := h.table()
 	for i := 0; i < nLinked; i++ {
 		h.g.SetEntry(tt, 3*i, h.leaf(uint64(i+1)<<12, 1))
 	}
 	lgpa := t2 + uint64((h.idx(vaX, 2)+1)*esz)
-	s.link = [2]vasmon.Write{
-		{GPA: lgpa, Data: h.link(tt, 2), Size: uint8(esz)},
-		{GPA: lgpa, Data: 0, Old: h.link(tt, 2), HasOld: true, Size: uint8(esz)},
-	}
-	if err := s.mon.AddVM(1, h.g.Mem, s.prot, 0); err != nil {
+	s.link = [2]store{{gpa: lgpa, v: h.link(tt, 2), size: esz}, {gpa: lgpa, v: 0, size: esz}}
+	if err := s.mon.AddVM(1, h.g.Memory(), vp, 0); err != nil {
 		tb.Fatal(err)
 	}
 	cb := func(any, uint64, uint64, uint64, uint64) { s.calls++ }
@@ -78,11 +104,13 @@ func newSteady(tb testing.TB, mode vasmon.Mode) *steady {
 	return s
 }
 
-// write feeds w and checks its kind (without t.Helper, on the hot path).
-func (s *steady) write(tb testing.TB, w *vasmon.Write, want vasmon.WriteKind) {
-	k, err := s.mon.Write(1, *w)
+// write makes the store w and feeds it, checking its kind (without
+// t.Helper, on the hot path).
+func (s *steady) write(tb testing.TB, w *store, want vasmon.WriteKind) {
+	ev := s.g.Store(w.gpa, w.size, w.v, w.rip)
+	k, err := s.mon.Write(1, ev)
 	if err != nil || k != want {
-		tb.Fatalf("write %+v: %v %v, want %v", *w, k, err, want)
+		tb.Fatalf("write %+v: %v %v, want %v", ev, k, err, want)
 	}
 }
 

@@ -3,6 +3,8 @@ package vasmon
 import (
 	"errors"
 	"sync/atomic"
+
+	"github.com/vasengine/vasengine/guestmem"
 )
 
 // VMID names a guest VM. IDs are chosen by the caller and unique per monitor.
@@ -17,6 +19,18 @@ type Memory interface {
 	Read(gpa uint64, dst []byte) error
 	// InRAM reports whether [gpa, gpa+n) lies inside guest RAM.
 	InRAM(gpa, n uint64) bool
+}
+
+// Versioned is implemented by a Memory whose backend keeps the version word
+// of every guest page (guestmem.Versions): it counts, per page, the trapped
+// writes and the protection changes, and it stamps each trapped write's
+// event with its count (Write.Ver). With it the monitor proves every read of
+// guest memory and every reported entry against concurrent guest writes
+// (see the package documentation, "No phantoms"); without it the monitor
+// assumes it is called synchronously, with guest memory as the events left
+// it.
+type Versioned interface {
+	Versions() *guestmem.Versions
 }
 
 // Protector write-protects guest pages, as an EPT write hook does. The monitor
@@ -34,17 +48,21 @@ type Write struct {
 	Data uint64 // the bytes written, little-endian, low Size bytes
 	Old  uint64 // value of the whole entry holding GPA before the write, if HasOld
 	RIP  uint64 // instruction pointer of the writer; 0 if unknown
-	Size uint8  // 1..8
-	// Trap is when the write was trapped (any monotonic clock). Only
-	// Store.ExpirePending uses it.
+	// Trap is when the write was trapped, on any monotonic clock of
+	// nanoseconds shared by the writes of one monitor (0: unknown). It
+	// orders nothing; it only ends partial writes left pending for longer
+	// than the store's PendingTimeout (SEMANTICS.md section 3).
 	Trap int64
-	// Hash, if not 0, is PageHash(vm, GPA), computed by the caller.
-	Hash uint64
-	// Seen, if not 0, is when the executor received the write, on the
-	// clock of Store.Clock, after the backend applied it to guest memory.
-	// A write seen before its page was read by a hook is already in the
-	// shadow and is dropped (it would move the entry back in time).
-	Seen int64
+	// Ver is the write's stamp on its page's version word
+	// (guestmem.Versions.BeginWrite), and Ver2 the stamp on the next
+	// page's for a write that crosses into it. A write whose stamp is not
+	// after the count at which the store last read its page is in that
+	// read and is dropped as stale. With versioned memory a part without a
+	// stamp (0) did not trap on its page (the page was not protected), so
+	// it is older than any read of the page and is dropped too; without
+	// versions stamps are ignored.
+	Ver, Ver2 uint32
+	Size      uint8 // 1..8
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool
@@ -97,7 +115,11 @@ var (
 // budget. Counters are atomic: the sharded engine updates them from several
 // workers.
 type VM struct {
-	ID        VMID
+	ID VMID
+	// Key is the VM's key in a store's index of pages: ID, unless the
+	// executor chose another (the engine uses its counter slot, which its
+	// events carry).
+	Key       VMID
 	Mem       Memory
 	Prot      Protector
 	MaxTables int64
@@ -107,8 +129,8 @@ type VM struct {
 
 	tables   atomic.Int64
 	refused  atomic.Int64
-	queued   int64        // Monitor only: hooks minus unhooks queued in its loop
 	admitted atomic.Int64 // hook requests emitted by steps and not yet run (Store.emitHook)
+	vers     *guestmem.Versions
 }
 
 // NewVM returns a VM record; maxTables 0 means DefaultVMTables.
@@ -116,7 +138,11 @@ func NewVM(id VMID, mem Memory, prot Protector, maxTables int64) *VM {
 	if maxTables <= 0 {
 		maxTables = DefaultVMTables
 	}
-	return &VM{ID: id, Mem: mem, Prot: prot, MaxTables: maxTables}
+	v := &VM{ID: id, Key: id, Mem: mem, Prot: prot, MaxTables: maxTables}
+	if vm, ok := mem.(Versioned); ok {
+		v.vers = vm.Versions()
+	}
+	return v
 }
 
 // Tables returns the number of tables hooked for the VM's roots.
@@ -136,22 +162,14 @@ type Root struct {
 	Ctx       any
 	Opts      Options
 	ID        uint32
-
-	// InFlight counts structural requests of this root that a concurrent
-	// executor (the sharded engine) has sent to another goroutine and not
-	// yet executed. The Monitor does not use it.
-	InFlight atomic.Int64
-	// Unhooks counts the unhook requests among InFlight. The engine holds
-	// back hooks of the root while it is non-zero, so that the mappings an
-	// unhooked subtree reports removed are reported before the mappings of
-	// a subtree linked later at the same addresses are reported new.
-	Unhooks atomic.Int64
+	// Exec is the executor's own per-root state (the sharded engine's
+	// in-flight accounting); the monitor never uses it.
+	Exec any
 
 	tables   atomic.Int64
 	gen      atomic.Uint32
 	stopped  atomic.Bool
 	stats    rootCounters
-	queued   int64        // Monitor only: hooks minus unhooks queued in its loop
 	admitted atomic.Int64 // hook requests emitted by steps and not yet run (Store.emitHook)
 }
 

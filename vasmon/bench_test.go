@@ -141,9 +141,10 @@ func BenchmarkStartMonitor(b *testing.B) {
 	b.ReportMetric(liveBytesPerTable(b, g, cr3, tables), "heap-bytes/table")
 }
 
-// TestHostBytesPerTable: a hooked table costs at most 4.2 KB of host memory
-// (the shadow page and its share of the node, page and index records), by
-// Store.HostBytes and by the live heap.
+// TestHostBytesPerTable: a hooked table costs at most 4.3 KB of host memory
+// (the shadow page and its share of the node, page and index records, the
+// node's proof of its place included), by Store.HostBytes and by the live
+// heap.
 func TestHostBytesPerTable(t *testing.T) {
 	g, cr3, tables := processTree(t)
 	if tables < 4000 {
@@ -156,8 +157,8 @@ func TestHostBytesPerTable(t *testing.T) {
 	per := float64(mon.Store().HostBytes()) / float64(tables)
 	heap := liveBytesPerTable(t, g, cr3, tables)
 	t.Logf("%d tables: %.0f host bytes/table, %.0f live heap bytes/table", tables, per, heap)
-	if per > 4300 {
-		t.Fatalf("HostBytes: %.0f bytes per table, want <= 4300", per)
+	if per > 4350 {
+		t.Fatalf("HostBytes: %.0f bytes per table, want <= 4350", per)
 	}
 	// HostBytes must account for what the monitor really holds.
 	if heap > 4500 {

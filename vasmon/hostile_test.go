@@ -258,9 +258,6 @@ func bombRun(t *testing.T, mode vasmon.Mode, leafy bool, rootBudget, vmBudget in
 	if calls != nl1*mode.Entries(1) {
 		t.Fatalf("Stop reported %d removals for %d level-1 tables", calls, nl1)
 	}
-	if q, vq := vasmon.Queued(r); q != 0 || vq != 0 {
-		t.Fatalf("requests still counted queued: root %d, VM %d", q, vq)
-	}
 	st := h.mon.Store().Stats()
 	// Unhook requests went only to tables that were hooked: none of the
 	// links the budget refused cost a request.
@@ -297,7 +294,7 @@ func TestHostileAliasFan(t *testing.T) {
 		}
 		r.apply(got)
 		h.verify()
-		if host, n := h.mon.Store().HostBytes(), r.Tables(); host > uintptr(n)*300+20*vasmon.PageSize {
+		if host, n := h.mon.Store().HostBytes(), r.Tables(); host > uintptr(n)*300+24*vasmon.PageSize {
 			t.Fatalf("HostBytes %d for %d tables on %d pages", host, n, h.mon.Store().Stats().Pages)
 		}
 		// One write to the shared page reaches every alias.
@@ -496,10 +493,16 @@ func TestHostileGarbage(t *testing.T) {
 							v = h.g.Entry(p, i) ^ 1<<rng.IntN(8*esz)
 						}
 						if rng.IntN(3) == 0 {
-							half := esz / 2
-							h.store(p+uint64(i*esz)+uint64(half), half, v>>(8*half))
+							// The upper part (a partial write: 4 of 8
+							// bytes, 3 of 4), then the lower part, which
+							// completes the entry.
+							lo := esz / 2
+							if esz == 4 {
+								lo = 1
+							}
+							h.store(p+uint64(i*esz)+uint64(lo), esz-lo, v>>(8*lo))
 							h.silent()
-							h.store(p+uint64(i*esz), half, v)
+							h.store(p+uint64(i*esz), lo, v)
 						} else {
 							h.set(p, i, v)
 						}
@@ -537,7 +540,10 @@ func TestHostilePartialFlood(t *testing.T) {
 			r := h.start(cr3, monAll, vasmon.Options{})
 			before := h.mon.Store().HostBytes()
 			esz := mode.EntryBytes()
-			half := esz / 2
+			half := esz / 2 // a half of an 8-byte entry: a partial write
+			if esz == 4 {
+				half = 3 // (1 and 2 bytes are narrow writes: complete at once)
+			}
 			per := mode.Entries(1)
 			var maxHost uintptr
 			t0 := time.Now()
@@ -558,8 +564,8 @@ func TestHostilePartialFlood(t *testing.T) {
 			took := time.Since(t0)
 			r.apply(h.rec.Take(r))
 			st := h.mon.Store().Stats()
-			pending, _ := h.mon.Store().Pending()
-			t.Logf("%d partial writes in %v: forced %d, pending %d, host bytes %d -> %d", n, took, st.ForcedPartial, pending, before, maxHost)
+			pending := h.mon.Store().Pending()
+			t.Logf("%d partial writes in %v: forced %d, pending %d, host bytes %d -> %d (%+v)", n, took, st.ForcedPartial, pending, before, maxHost, st)
 			if pending != 1024 || st.ForcedPartial != uint64(n-1024) {
 				t.Fatalf("pending %d, forced %d", pending, st.ForcedPartial)
 			}
@@ -573,7 +579,7 @@ func TestHostilePartialFlood(t *testing.T) {
 					h.write(h.g.SetEntry(tb, i, h.g.Entry(tb, i)))
 				}
 			}
-			if pending, _ := h.mon.Store().Pending(); pending != 0 {
+			if pending := h.mon.Store().Pending(); pending != 0 {
 				t.Fatalf("%d writes still pending", pending)
 			}
 			r.take(false, h.rec.Peek(r)...)

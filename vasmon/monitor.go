@@ -16,6 +16,7 @@ type Monitor struct {
 	vms    map[VMID]*VM
 	roots  map[rootKey]*Root
 	out    Output
+	retry  []Request // hooks given up for now (Unsure)
 	nextID uint32
 	busy   bool
 }
@@ -109,19 +110,26 @@ func (m *Monitor) Start(vm VMID, cr3 uint64, mode Mode, monitored uint64, cb Cal
 	}
 	m.out.Reset()
 	req := Request{Root: r, GPA: gpa, Level: uint8(mode.Levels()), Op: OpHook}
-	switch m.store.Hook(&req, &m.out) {
+	res := m.store.Hook(&req, &m.out)
+	for try := 1; res == Unsure && try < proofTries; try++ {
+		res = m.store.Hook(&req, &m.out)
+	}
+	switch res {
 	case Refused:
 		return nil, fmt.Errorf("%w: root %#x of VM %d", ErrBudget, cr3, vm)
-	case Failed:
-		return nil, fmt.Errorf("vasmon: cannot read or protect the root table at %#x of VM %d", gpa, vm)
+	case Hooked:
+	default:
+		m.run()
+		return nil, fmt.Errorf("vasmon: cannot read or protect the root table at %#x of VM %d (%v)", gpa, vm, res)
 	}
 	m.roots[rootKey{vm, cr3}] = r
 	m.run()
 	return r, nil
 }
 
-// Stop stops monitoring r: every table is unhooked and every present leaf
-// reported as removed, callback(va, old, 0, size).
+// Stop stops monitoring r: partial writes end (Flush), then every table is
+// unhooked and every present leaf reported as removed,
+// callback(va, old, 0, size).
 func (m *Monitor) Stop(r *Root) error {
 	if m.busy {
 		return ErrReentrant
@@ -129,11 +137,15 @@ func (m *Monitor) Stop(r *Root) error {
 	if r == nil || m.roots[rootKey{r.VM.ID, r.CR3}] != r {
 		return ErrUnknownRoot
 	}
+	// Partial writes end first, while the tree still proves them.
 	m.out.Reset()
+	m.store.Flush(&m.out)
+	m.run()
+	m.out.Reset()
+	r.MarkStopped() // hooks of the root given up for now are dropped
 	req := Request{Root: r, GPA: r.RootGPA(), Level: uint8(r.Mode.Levels()), Op: OpUnhook}
 	m.store.Unhook(&req, &m.out)
 	m.run()
-	r.MarkStopped()
 	delete(m.roots, rootKey{r.VM.ID, r.CR3})
 	return nil
 }
@@ -174,90 +186,50 @@ const maxCalls = 4096
 // run executes every pending request, FIFO, then invokes the callbacks
 // (every maxCalls of them, as they accumulate, and the rest at the end).
 // FIFO order makes an unlink's unhooks run before the hooks of a link made
-// by the same write, level by level.
-//
-// The queue is kept in proportion to the table budgets, not to what the
-// guest claims (an alias bomb makes every hooked table link 512 more):
-// admit drops, as they are appended, the hooks the budget would refuse and
-// the unhooks of tables that are not hooked; and callbacks are invoked, in
-// order, whenever maxCalls are buffered (a budget's worth of level-1 tables
-// unlinked at once reports up to 512 times the budget).
+// by the same write, level by level. A hook whose parent was unhooked (or
+// re-pointed) after emitting it is dropped. The queue stays in proportion
+// to the table budgets: hooks are admitted against them as they are
+// emitted, and unhooks are emitted only for admitted links.
 func (m *Monitor) run() {
-	m.admit(0)
 	for i := 0; i < len(m.out.Reqs); i++ {
 		req := m.out.Reqs[i]
-		r := req.Root
-		if req.Op == OpHook {
-			r.queued--
-			r.VM.queued--
-			if !m.store.Linked(&req) {
-				Dropped(&req)
-				// Its parent was unhooked after linking it (one write
-				// completed both the parent's unlink and this link).
-				continue
-			}
-		} else {
-			r.queued++
-			r.VM.queued++
+		if req.Op == OpHook && !m.store.Linked(&req) {
+			Dropped(&req)
+			continue
 		}
-		n := len(m.out.Reqs)
-		m.store.Exec(&req, &m.out)
-		m.admit(n)
+		if m.store.Exec(&req, &m.out) == Unsure {
+			m.retry = append(m.retry, req)
+		}
 		if len(m.out.Calls) >= maxCalls {
 			m.callbacks()
 		}
 	}
+	m.out.Reqs = m.out.Reqs[:0]
 	m.callbacks()
+	m.out.Trim()
 }
 
-// admit filters the requests appended from index from. A hook is refused
-// (and counted, as Store.Hook would) when the tables hooked plus the hooks
-// queued minus the unhooks queued reach the root's or the VM's budget: the
-// refusal Store.Hook would make when the hook ran, unless a request ahead
-// of it fails or is dropped (then the hook is refused a little early, at
-// the edge of the budget only). An unhook of a table that is not hooked
-// would miss; it is dropped (and counted) now. A table hooked later in the
-// same run is never unhooked in it: unhooks of a place always come before
-// the hooks of that place, and a hook whose parent went is dropped.
-func (m *Monitor) admit(from int) {
-	reqs := m.out.Reqs
-	k := from
-	// Refusals come in runs (a table's links past the budget): count a
-	// run at once.
-	var refused int64
-	var last Request
-	for i := from; i < len(reqs); i++ {
-		req := &reqs[i]
-		r := req.Root
-		vm := r.VM
-		if refused > 0 && r != last.Root {
-			last.Root.refuseN(refused, &last)
-			refused = 0
-		}
-		if req.Op == OpHook {
-			if r.tables.Load()+r.queued >= r.Opts.MaxTables || vm.tables.Load()+vm.queued >= vm.MaxTables {
-				Dropped(req)
-				refused++
-				last = *req
-				continue
-			}
-			r.queued++
-			vm.queued++
-		} else {
-			if m.store.unhookTarget(req) == 0 {
-				m.store.st.UnhookMisses++
-				continue
-			}
-			r.queued--
-			vm.queued--
-		}
-		reqs[k] = *req
-		k++
+// Flush brings the monitor to a quiescent point (SEMANTICS.md sections 3
+// and 6): every partial write ends with the bytes it has, every page whose
+// read was given up is read again, every hook given up is run again, and
+// the callbacks all that produces are invoked. It returns an error if guest
+// memory kept changing under some read (the work stays queued for the next
+// Flush).
+func (m *Monitor) Flush() error {
+	if m.busy {
+		return ErrReentrant
 	}
-	if refused > 0 {
-		last.Root.refuseN(refused, &last)
+	for try := 0; try < proofTries; try++ {
+		m.out.Reset()
+		m.store.Flush(&m.out)
+		m.out.Reqs = append(m.out.Reqs, m.retry...)
+		m.retry = m.retry[:0]
+		m.run()
+		if len(m.retry) == 0 && m.store.Dirty() == 0 {
+			return nil
+		}
 	}
-	m.out.Reqs = reqs[:k]
+	return fmt.Errorf("vasmon: guest memory kept changing under %d reads", len(m.retry)+m.store.Dirty())
 }
 
 // callbacks invokes the buffered callbacks, in order, and empties the buffer.
@@ -271,52 +243,9 @@ func (m *Monitor) callbacks() {
 	m.out.Calls = m.out.Calls[:0]
 }
 
-// TableInfo describes one hooked table, as Dump returns it.
-type TableInfo struct {
-	Level   int
-	GPA     uint64
-	VA      uint64 // first VA mapped through the table
-	Entries int    // entries in the table (in scope)
-	Present int    // present entries in scope
-	Writes  uint64 // writes seen on the table's page
-	Stale   bool
-}
-
-// Dump returns the tables of r, highest level first, then by VA.
-func (m *Monitor) Dump(r *Root) []TableInfo { return m.store.Dump(r, nil) }
-
-// Dump appends the tables of r held by this store to dst and sorts them.
-func (s *Store) Dump(r *Root, dst []TableInfo) []TableInfo {
-	for h := uint32(1); h < s.nodes.next; h++ {
-		n := s.nodes.at(h)
-		if n.root != r {
-			continue
-		}
-		p := s.pages.at(n.page)
-		ti := TableInfo{Level: int(n.level), GPA: p.pfn*PageSize + uint64(n.off), VA: n.va,
-			Entries: scope(n), Writes: uint64(p.writes), Stale: n.stale}
-		esz := uint64(p.esz)
-		for i := 0; i < ti.Entries; i++ {
-			if s.entry(n.page, uint64(n.off)+uint64(i)*esz, p.esz)&BitP != 0 {
-				ti.Present++
-			}
-		}
-		dst = append(dst, ti)
-	}
-	SortTables(dst)
-	return dst
-}
-
-// SortTables sorts a dump: highest level first, then by VA, then by GPA.
-func SortTables(ts []TableInfo) {
-	sort.Slice(ts, func(i, j int) bool {
-		a, b := ts[i], ts[j]
-		if a.Level != b.Level {
-			return a.Level > b.Level
-		}
-		if a.VA != b.VA {
-			return a.VA < b.VA
-		}
-		return a.GPA < b.GPA
-	})
+// Dump flushes the monitor (partial writes end) and returns the tables of
+// r, highest level first, then by VA.
+func (m *Monitor) Dump(r *Root) []TableInfo {
+	_ = m.Flush()
+	return m.store.Dump(r, nil)
 }

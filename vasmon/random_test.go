@@ -180,8 +180,13 @@ func (s *scenario) feed(w vasmon.Write) vasmon.WriteKind {
 
 var debugWrites = 12
 
+// check flushes the monitor (a quiescent point: pending writes end) and
+// checks the oracle of every root.
 func (s *scenario) check() {
 	s.t.Helper()
+	if err := s.mon.Flush(); err != nil {
+		s.t.Fatal(err)
+	}
 	for r, root := range s.roots {
 		if root.Stopped() {
 			continue

@@ -641,12 +641,51 @@ func permutations(k int) [][]int {
 	return out
 }
 
-// Section 3: an entry written in chunks of any sizes in any order reports
-// nothing until its last byte is written, then exactly one transition from
-// the value before the first chunk to the final value. Every split and
-// every order is tried (8-byte entries: 95,901 cases per mode; -short
-// tries every split in 2 orders for the 8-byte modes and every order for
-// 4-byte entries).
+// chunkModel is the reference of SEMANTICS.md section 3 for one entry: it
+// returns the values the entry completes with when written in the given
+// chunks and order (a whole or narrow chunk completes it at once, merging a
+// pending partial write; any other chunk is partial until every byte is
+// written), and whether a partial write is left pending.
+func chunkModel(esz int, cur, v uint64, chunks [][2]int, order []int) (done []uint64, pending bool) {
+	var pval uint64
+	var mask int
+	for _, c := range order {
+		lo, hi := chunks[c][0], chunks[c][1]
+		n := hi - lo
+		m := uint64(1)<<(8*n) - 1
+		if n == 8 {
+			m = ^uint64(0)
+		}
+		m <<= 8 * lo
+		base := cur
+		if pending {
+			base = pval
+		}
+		val := base&^m | v&m
+		if n == esz || n <= 2 {
+			cur, pending, mask = val, false, 0
+			done = append(done, val)
+			continue
+		}
+		pval, pending = val, true
+		mask |= (1<<n - 1) << lo
+		if mask == 1<<esz-1 {
+			cur, pending, mask = val, false, 0
+			done = append(done, val)
+		}
+	}
+	return done, pending
+}
+
+// Section 3: an entry written in chunks of any sizes in any order. A whole
+// or narrow (1- or 2-byte) chunk completes the entry at once; any other
+// chunk is a partial write that reports nothing until every byte of the
+// entry is written or a whole or narrow chunk completes it; a partial write
+// left pending ends at a quiescent point (Flush) with the bytes it has.
+// Every completed value is reported as one transition from the value
+// before it. Every split and every order is tried (8-byte entries: 95,901
+// cases per mode; -short tries every split in 2 orders for the 8-byte modes
+// and every order for 4-byte entries).
 func TestRulePartialWrites(t *testing.T) {
 	forModes(t, func(t *testing.T, mode vasmon.Mode) {
 		esz := mode.EntryBytes()
@@ -661,60 +700,27 @@ func TestRulePartialWrites(t *testing.T) {
 		}
 		i := h.idx(vaX, 1)
 		h.g.SetEntry(t1, i, a)
-		// Level 2: a large page and a table (with a leaf) differing in
-		// every byte, so that intermediate values are garbage.
-		const va2 = 0x40800000 // PDE 258 (32-bit), PDE 4 (others)
-		t2 := h.path(cr3, va2, 2, false)
-		j := h.idx(va2, 2)
-		child := h.table()
-		ce := h.leaf(0x2000, 1)
-		h.g.SetEntry(child, 2, ce)
-		tE := h.link(child, 2)
-		var big uint64
-		if esz == 8 {
-			big = 0x0A1B2C3D4E6000E7
-		} else {
-			big = 0xC1C000E7
-		}
-		size2 := largeLevels(mode)[2]
 		for k := 0; k < esz; k++ {
-			if byte(tE>>(8*k)) == byte(big>>(8*k)) || byte(a>>(8*k)) == byte(b>>(8*k)) {
+			if byte(a>>(8*k)) == byte(b>>(8*k)) {
 				t.Fatalf("test values share byte %d", k)
 			}
 		}
-		h.g.SetEntry(t2, j, big)
 		r := h.start(cr3, monAll, vasmon.Options{})
-
 		perms := make([][][]int, esz+1)
 		for k := 1; k <= esz; k++ {
 			perms[k] = permutations(k)
 		}
-		cases := 0
-		// writeSplit writes v into the entry at gpa in the given chunks and
-		// order and checks that nothing is reported before the last one.
-		writeSplit := func(gpa, v uint64, chunks [][2]int, order []int) vasmon.WriteKind {
-			var k vasmon.WriteKind
-			for n, c := range order {
-				lo, hi := chunks[c][0], chunks[c][1]
-				// (No t.Helper on this path: it dominates the run time.)
-				h.rip++
-				var err error
-				k, err = h.mon.Write(1, h.g.Store(gpa+uint64(lo), hi-lo, v>>(8*lo), h.rip))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if n < len(order)-1 {
-					if k != vasmon.WritePartial {
-						t.Fatalf("chunks %v order %v: chunk %d classified %v", chunks, order, n, k)
-					}
-					if evs := h.rec.Peek(r); len(evs) != 0 {
-						t.Fatalf("chunks %v order %v: reported before complete:%s", chunks, order, evString(evs))
-					}
-				}
+		// transition is the callback of a level-1 entry changing from old
+		// to new, if any.
+		transition := func(old, new uint64) []ev {
+			if old&pBit == 0 && new&pBit == 0 || old&pBit == new&pBit && (old^new)&r.Monitored == 0 {
+				return nil
 			}
-			return k
+			return []ev{{VA: vaX, Old: old, New: new, Size: kb4}}
 		}
+		cases := 0
 		cur := a
+		gpa := t1 + uint64(i*esz)
 		for _, chunks := range allSplits(esz) {
 			orders := perms[len(chunks)]
 			if testing.Short() && esz == 8 && len(orders) > 2 {
@@ -722,9 +728,41 @@ func TestRulePartialWrites(t *testing.T) {
 			}
 			for _, order := range orders {
 				next := a ^ b ^ cur
-				wantKind(t, writeSplit(t1+uint64(i*esz), next, chunks, order), vasmon.WriteRelevant)
+				done, pending := chunkModel(esz, cur, next, chunks, order)
+				var want []ev
+				prev := cur
+				for n, c := range order {
+					lo, hi := chunks[c][0], chunks[c][1]
+					h.rip++
+					k, err := h.mon.Write(1, h.g.Store(gpa+uint64(lo), hi-lo, next>>(8*lo), h.rip))
+					if err != nil {
+						t.Fatal(err)
+					}
+					d, _ := chunkModel(esz, cur, next, chunks, order[:n+1])
+					before, _ := chunkModel(esz, cur, next, chunks, order[:n])
+					wk := vasmon.WritePartial
+					if len(d) > len(before) {
+						wk = vasmon.WriteIrrelevant
+						if tr := transition(prev, d[len(d)-1]); tr != nil {
+							wk = vasmon.WriteRelevant
+							want = append(want, tr...)
+						}
+						prev = d[len(d)-1]
+					}
+					if k != wk {
+						t.Fatalf("chunks %v order %v: chunk %d classified %v, want %v", chunks, order, n, k, wk)
+					}
+				}
+				if pending {
+					if err := h.mon.Flush(); err != nil {
+						t.Fatal(err)
+					}
+					want = append(want, transition(prev, next)...)
+				}
+				if len(done) == 0 && !pending {
+					t.Fatalf("chunks %v order %v: model completed nothing", chunks, order)
+				}
 				got := h.rec.Take(r)
-				want := []ev{{VA: vaX, Old: cur, New: next, Size: kb4}}
 				if !slices.Equal(got, want) {
 					t.Fatalf("chunks %v order %v: callbacks%s\nwant%s", chunks, order, evString(got), evString(want))
 				}
@@ -735,33 +773,166 @@ func TestRulePartialWrites(t *testing.T) {
 				cur = next
 				cases++
 			}
-			// Level 2, table <-> large page, in two orders.
-			for _, order := range [][]int{perms[len(chunks)][0], perms[len(chunks)][len(perms[len(chunks)])-1]} {
-				old := h.g.Entry(t2, j)
-				next := tE
-				want := []ev{{VA: va2, Old: big, New: tE, Size: size2}, {VA: va2 + 2*kb4, Old: 0, New: ce, Size: kb4}}
-				if old == tE {
-					next = big
-					want = []ev{{VA: va2, Old: tE, New: big, Size: size2}, {VA: va2 + 2*kb4, Old: ce, New: 0, Size: kb4}}
-				}
-				wantKind(t, writeSplit(t2+uint64(j*esz), next, chunks, order), vasmon.WriteRelevant)
-				r.expect(want...)
-			}
 		}
 		h.verify()
-		if st := r.Stats(); st.OutOfRAM != 0 || st.Reserved != 0 {
-			t.Fatalf("intermediate values were evaluated: %+v", st)
-		}
-		if st := h.mon.Store().Stats(); st.Writes[vasmon.WriteDuplicate] != 0 {
-			t.Fatalf("%d writes taken for duplicates", st.Writes[vasmon.WriteDuplicate])
+		if st := h.mon.Store().Stats(); st.Writes[vasmon.WriteDuplicate] != 0 || st.Unconfirmed != 0 {
+			t.Fatalf("%d writes taken for duplicates, %d unconfirmed", st.Writes[vasmon.WriteDuplicate], st.Unconfirmed)
 		}
 		t.Logf("%d split writes", cases)
 		r.stop()
 	})
 }
 
+// Section 3: the end of a partial write that the guest does not complete.
+// It is completed with the bytes it has (counted as expired) when a later
+// event for the same entry, or any later event of the store, was trapped
+// more than PendingTimeout after its first chunk (trap times, never the
+// monitor's clock); and when its table is unhooked, its root stopped or
+// dumped, and at a Flush.
+func TestRulePendingEnds(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		esz := mode.EntryBytes()
+		first := esz / 2 // a partial chunk: a half of an 8-byte entry, 3 bytes of a 4-byte one
+		if esz == 4 {
+			first = 3
+		}
+		h := newHarness(t, mode)
+		h.mon.Store().PendingTimeout = 1000
+		cr3 := h.table()
+		t1 := h.path(cr3, vaX, 1, false)
+		t1b := h.path(cr3, vaX+uint64(mode.Entries(1))*kb4, 1, false) // another table
+		i := h.idx(vaX, 1)
+		gpa := t1 + uint64(i*esz)
+		e := h.leaf(0x1234000, 1) | h.nx() // (every part of it differs from 0)
+		r := h.start(cr3, monAll, vasmon.Options{})
+		partial := func(trap int64) {
+			h.rip++
+			w := h.g.Store(gpa, first, e, h.rip)
+			w.Trap = trap
+			wantKind(t, h.write(w), vasmon.WritePartial)
+		}
+		half := e & (1<<(8*first) - 1)
+		expired := func() uint64 { return h.mon.Store().Stats().ExpiredPartial }
+
+		// Within the timeout, an event elsewhere does not end it.
+		partial(10_000)
+		vaB := (vaX + uint64(mode.Entries(1))*kb4) &^ (uint64(mode.Entries(1))*kb4 - 1)
+		w := h.g.SetEntry(t1b, 7, h.leaf(0x7000, 1))
+		w.Trap = 10_900
+		h.write(w)
+		r.take(true, ev{VA: vaB + 7*kb4, Old: 0, New: h.leaf(0x7000, 1), Size: kb4})
+		h.silent()
+		// Past it, any later event of the store ends it with its bytes.
+		w = h.g.SetEntry(t1b, 7, 0)
+		w.Trap = 11_001
+		h.write(w)
+		r.take(true, ev{VA: vaX, Old: 0, New: half, Size: kb4}, ev{VA: vaB + 7*kb4, Old: h.leaf(0x7000, 1), New: 0, Size: kb4})
+		if expired() != 1 {
+			t.Fatalf("expired %d, want 1", expired())
+		}
+		h.verify()
+		// A later chunk of the same entry past the timeout ends the old one
+		// first. Here the guest did complete the entry: the expired value
+		// (its first chunk's bytes) is no longer in guest memory, so it is
+		// not reported; the page is read again and the transition to what
+		// guest memory holds is reported. The later chunk, already in that
+		// read (by its version stamp), is then dropped as stale.
+		h.set(t1, i, 0)
+		r.take(true, ev{VA: vaX, Old: half, New: 0, Size: kb4})
+		partial(20_000)
+		h.rip++
+		w = h.g.Store(gpa+uint64(first), esz-first, e>>(8*first), h.rip)
+		w.Trap = 21_001
+		stale := h.mon.Store().Stats().StaleWrites
+		wantKind(t, h.write(w), vasmon.WriteUntracked)
+		r.expect(ev{VA: vaX, Old: 0, New: e, Size: kb4})
+		if st := h.mon.Store().Stats(); st.StaleWrites != stale+1 || st.Unconfirmed == 0 {
+			t.Fatalf("stats %+v", st)
+		}
+		// Trap 0 (unknown) never expires anything.
+		h.set(t1, i, 0)
+		r.take(true, ev{VA: vaX, Old: e, New: 0, Size: kb4})
+		partial(0)
+		w = h.g.SetEntry(t1b, 8, 0)
+		w.Trap = 1 << 40
+		h.write(w)
+		h.silent()
+		// Dump ends it (a quiescent point).
+		h.mon.Dump(r.Root)
+		r.expect(ev{VA: vaX, Old: 0, New: half, Size: kb4})
+		// Unhooking its table ends it first: reported, then removed (Stop:
+		// guest memory still links the table).
+		h.set(t1, i, 0)
+		r.take(true, ev{VA: vaX, Old: half, New: 0, Size: kb4})
+		partial(0)
+		if err := h.mon.Stop(r.Root); err != nil {
+			t.Fatal(err)
+		}
+		got := h.rec.Take(r)
+		if len(got) < 2 || got[0] != (ev{VA: vaX, Old: 0, New: half, Size: kb4}) || !slices.Contains(got, ev{VA: vaX, Old: half, New: 0, Size: kb4}) {
+			t.Fatalf("Stop with a partial write pending reported:%s", evString(got))
+		}
+		if n := h.mon.Store().Pending(); n != 0 || h.prot.Count() != 0 {
+			t.Fatalf("%d partial writes still pending, %d pages protected", n, h.prot.Count())
+		}
+
+		// When guest memory unlinked the table before the unhook, the
+		// forced value can no longer be proven: it is not reported.
+		r = h.start(cr3, monAll, vasmon.Options{})
+		partial(0)
+		t2 := h.path(cr3, vaX, 2, false)
+		wantKind(t, h.set(t2, h.idx(vaX, 2), 0), vasmon.WriteRelevant)
+		r.expect(ev{VA: vaX, Old: half, New: 0, Size: kb4}) // (in memory at Start)
+		if n := h.mon.Store().Pending(); n != 0 {
+			t.Fatalf("%d partial writes still pending", n)
+		}
+		r.stop()
+	})
+}
+
+// Section 3: narrow writes (1 or 2 bytes: atomic bit operations on an
+// entry in place, such as lock andb clearing RW or lock btsq setting NX)
+// complete the entry at once.
+func TestRuleNarrowWrites(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		esz := mode.EntryBytes()
+		h := newHarness(t, mode)
+		cr3 := h.table()
+		t1 := h.path(cr3, vaX, 1, false)
+		i := h.idx(vaX, 1)
+		gpa := t1 + uint64(i*esz)
+		e := h.leaf(0x1234000, 1)
+		h.g.SetEntry(t1, i, e)
+		r := h.start(cr3, monAll, vasmon.Options{})
+		// lock andb $~2, (pte): RW cleared.
+		wantKind(t, h.store(gpa, 1, e&0xFF&^rwBit), vasmon.WriteRelevant)
+		r.expect(ev{VA: vaX, Old: e, New: e &^ rwBit, Size: kb4})
+		// A 2-byte store of the low bytes, RW set again.
+		wantKind(t, h.store(gpa, 2, e&0xFFFF), vasmon.WriteRelevant)
+		r.expect(ev{VA: vaX, Old: e &^ rwBit, New: e, Size: kb4})
+		// An A/D-only byte: irrelevant.
+		wantKind(t, h.store(gpa, 1, (e|vasmon.BitA)&0xFF), vasmon.WriteIrrelevant)
+		h.quiet()
+		if esz == 8 {
+			// lock btsq $63: NX set through the top byte.
+			cur := h.g.Entry(t1, i)
+			wantKind(t, h.store(gpa+7, 1, (cur|nxBit)>>56), vasmon.WriteRelevant)
+			r.expect(ev{VA: vaX, Old: cur, New: cur | nxBit, Size: kb4})
+			// A narrow write of a byte in the middle of a pending
+			// partial write completes it with its bytes.
+			h.store(gpa, 4, 0) // low half cleared: partial
+			h.silent()
+			wantKind(t, h.store(gpa+5, 1, 0), vasmon.WriteRelevant)
+			want := (cur | nxBit) &^ 0xFF0000FFFFFFFF
+			r.expect(ev{VA: vaX, Old: cur | nxBit, New: want, Size: kb4})
+		}
+		r.stop()
+	})
+}
+
 // Section 3: a write that crosses an entry boundary is split per entry,
-// and one that crosses a page boundary is split per page.
+// and one that crosses a page boundary is split per page; each part is a
+// chunk of its own entry.
 func TestRuleCrossingWrites(t *testing.T) {
 	forModes(t, func(t *testing.T, mode vasmon.Mode) {
 		esz := uint64(mode.EntryBytes())
@@ -788,14 +959,18 @@ func TestRuleCrossingWrites(t *testing.T) {
 			wantKind(t, h.store(ta+vasmon.PageSize-4, 8, e2<<32|e1), vasmon.WriteRelevant)
 			r.expect(ev{VA: vaY + lastA*kb4, Old: 0, New: e1, Size: kb4}, ev{VA: vaY + span, Old: 0, New: e2, Size: kb4})
 			// Two bytes across an entry boundary: byte 3 of entry 2
-			// rewritten as it was, byte 0 of entry 3 cleared (P). Both
-			// entries are partial until their other bytes come.
-			wantKind(t, h.store(ta+8+3, 2, e1>>24&0xFF), vasmon.WritePartial)
-			h.silent()
-			wantKind(t, h.store(ta+8, 3, e1), vasmon.WriteIrrelevant)
-			h.silent()
-			wantKind(t, h.store(ta+12+1, 3, e2>>8), vasmon.WriteRelevant)
+			// rewritten as it was, byte 0 of entry 3 cleared (P): two
+			// narrow writes, complete at once.
+			wantKind(t, h.store(ta+8+3, 2, e1>>24&0xFF), vasmon.WriteRelevant)
 			r.expect(ev{VA: vaY + 3*kb4, Old: e2, New: e2 &^ 0xFF, Size: kb4})
+			// Four bytes across an entry boundary: 3 bytes of entry 3 (a
+			// partial write) and 1 of entry 4 (narrow).
+			wantKind(t, h.store(ta+12+1, 4, e2>>8|0xFF<<24), vasmon.WriteRelevant)
+			r.take(true, ev{VA: vaY + 4*kb4, Old: 0, New: 0xFF, Size: kb4})
+			wantKind(t, h.store(ta+12, 1, e2), vasmon.WriteRelevant)
+			r.expect(ev{VA: vaY + 3*kb4, Old: e2 &^ 0xFF, New: e2, Size: kb4})
+			wantKind(t, h.store(ta+16, 4, 0), vasmon.WriteRelevant)
+			r.expect(ev{VA: vaY + 4*kb4, Old: 0xFF, New: 0, Size: kb4})
 		} else {
 			// An 8-byte store at +4 writes the high half of entry 2 and
 			// the low half of entry 3: both stay partial.
@@ -805,19 +980,17 @@ func TestRuleCrossingWrites(t *testing.T) {
 			r.take(true, ev{VA: vaY + 2*kb4, Old: 0, New: e1, Size: kb4}) // entry 3 still partial
 			wantKind(t, h.store(ta+24+4, 4, e2>>32), vasmon.WriteRelevant)
 			r.expect(ev{VA: vaY + 3*kb4, Old: 0, New: e2, Size: kb4})
-			// Two bytes across an entry boundary.
-			wantKind(t, h.store(ta+16+7, 2, (e2&0xFF)<<8|e1>>56), vasmon.WritePartial)
-			h.silent()
+			// Two bytes across an entry boundary: the top byte of entry 2
+			// and the low byte of entry 3, rewritten as they were: narrow,
+			// complete at once, nothing changes.
+			wantKind(t, h.store(ta+16+7, 2, (e2&0xFF)<<8|e1>>56), vasmon.WriteIrrelevant)
+			h.quiet()
 			// Across the page boundary, completing both entries at once.
 			wantKind(t, h.store(ta+vasmon.PageSize-8, 4, e1), vasmon.WritePartial)
 			wantKind(t, h.store(tb+4, 4, e2>>32), vasmon.WritePartial)
 			h.silent()
 			wantKind(t, h.store(ta+vasmon.PageSize-4, 8, (e2&0xFFFFFFFF)<<32|e1>>32), vasmon.WriteRelevant)
 			r.expect(ev{VA: vaY + lastA*kb4, Old: 0, New: e1, Size: kb4}, ev{VA: vaY + span, Old: 0, New: e2, Size: kb4})
-			// Complete the entries left partial above with their old bytes.
-			wantKind(t, h.store(ta+16, 7, e1), vasmon.WriteIrrelevant)
-			wantKind(t, h.store(ta+24+1, 7, e2>>8), vasmon.WriteIrrelevant)
-			h.quiet()
 		}
 		// Unlink tb: a write across ta's end into tb then only counts ta's part.
 		wantKind(t, h.set(t2, j+1, 0), vasmon.WriteRelevant)
@@ -834,61 +1007,96 @@ func TestRuleCrossingWrites(t *testing.T) {
 	})
 }
 
-// Section 3: a chunk delivered twice from the same RIP before its entry
-// completes is ignored and counted; the same bytes from another RIP are a
-// new write (the last one wins).
+// Section 3: a chunk with the same RIP, offset, size and bytes as the last
+// chunk applied to its entry is a duplicate delivery: ignored and counted,
+// whether or not that chunk completed the entry. The same bytes from
+// another RIP, or after another chunk of the entry, are a new write; RIP 0
+// (unknown) never makes a duplicate.
 func TestRuleDuplicateDelivery(t *testing.T) {
 	forModes(t, func(t *testing.T, mode vasmon.Mode) {
-		half := mode.EntryBytes() / 2
+		esz := mode.EntryBytes()
+		first := esz / 2 // the partial chunk, then the one that completes it
+		if esz == 4 {
+			first = 3
+		}
 		h := newHarness(t, mode)
 		cr3 := h.table()
 		t1 := h.path(cr3, vaX, 1, false)
 		i := h.idx(vaX, 1)
-		gpa := t1 + uint64(i*mode.EntryBytes())
+		gpa := t1 + uint64(i*esz)
 		r := h.start(cr3, monAll, vasmon.Options{})
 		e := h.leaf(0x1234000, 1) | h.nx()
-		lo, hi := e&(1<<(8*half)-1), e>>(8*half)
+		lo, hi := e&(1<<(8*first)-1), e>>(8*first)
 		dups := func() uint64 { return h.mon.Store().Stats().Writes[vasmon.WriteDuplicate] }
 
-		w := h.g.Store(gpa, half, lo, 100)
+		w := h.g.Store(gpa, first, lo, 100)
 		wantKind(t, h.write(w), vasmon.WritePartial)
 		wantKind(t, h.write(w), vasmon.WriteDuplicate)
 		wantKind(t, h.write(w), vasmon.WriteDuplicate)
 		if dups() != 2 {
 			t.Fatalf("%d duplicates counted, want 2", dups())
 		}
-		w.RIP = 101 // same bytes, another instruction
+		w = h.g.Store(gpa, first, lo, 101) // same bytes, another instruction
 		wantKind(t, h.write(w), vasmon.WritePartial)
 		h.silent()
-		wantKind(t, h.write(h.g.Store(gpa+uint64(half), half, hi, 102)), vasmon.WriteRelevant)
+		done := h.g.Store(gpa+uint64(first), esz-first, hi, 102)
+		wantKind(t, h.write(done), vasmon.WriteRelevant)
 		r.expect(ev{VA: vaX, Old: 0, New: e, Size: kb4})
-		if dups() != 2 {
-			t.Fatalf("%d duplicates counted, want 2", dups())
-		}
-		// A re-delivery after completion is a write like any other: the
-		// entry does not change.
-		wantKind(t, h.write(h.g.Store(gpa+uint64(half), half, hi, 102)), vasmon.WritePartial)
-		wantKind(t, h.write(h.g.Store(gpa, half, lo, 103)), vasmon.WriteIrrelevant)
-		h.quiet()
-
-		// Another RIP rewriting a chunk with other bytes: the last bytes win.
-		e2 := h.leaf(0x5555000, 1)
-		wantKind(t, h.write(h.g.Store(gpa, half, e2&(1<<(8*half)-1)^rwBit, 200)), vasmon.WritePartial)
-		wantKind(t, h.write(h.g.Store(gpa, half, e2&(1<<(8*half)-1), 201)), vasmon.WritePartial)
-		wantKind(t, h.write(h.g.Store(gpa, half, e2&(1<<(8*half)-1), 201)), vasmon.WriteDuplicate)
-		wantKind(t, h.write(h.g.Store(gpa+uint64(half), half, e2>>(8*half), 202)), vasmon.WriteRelevant)
-		r.expect(ev{VA: vaX, Old: e, New: e2, Size: kb4})
-		// RIP 0 (unknown) never makes a duplicate.
-		w = h.g.Store(gpa, half, 0, 0)
-		wantKind(t, h.write(w), vasmon.WritePartial)
-		wantKind(t, h.write(w), vasmon.WritePartial)
-		wantKind(t, h.write(h.g.Store(gpa+uint64(half), half, 0, 0)), vasmon.WriteRelevant)
-		r.expect(ev{VA: vaX, Old: e2, New: 0, Size: kb4})
+		// The completing chunk delivered again: a duplicate, not the start
+		// of a new partial write...
+		wantKind(t, h.write(done), vasmon.WriteDuplicate)
 		if dups() != 3 {
 			t.Fatalf("%d duplicates counted, want 3", dups())
 		}
+		// ...so the next update, upper part first, is reported whole (not
+		// torn: the old upper part with the new lower part).
+		e2 := h.leaf(0x5555000, 1)
+		wantKind(t, h.write(h.g.Store(gpa+uint64(first), esz-first, e2>>(8*first), 103)), kindOf(esz-first))
+		if esz-first > 2 {
+			h.silent()
+			wantKind(t, h.write(h.g.Store(gpa, first, e2&(1<<(8*first)-1), 104)), vasmon.WriteRelevant)
+			r.expect(ev{VA: vaX, Old: e, New: e2, Size: kb4})
+		} else {
+			mid := e2>>(8*first)<<(8*first) | lo
+			r.take(true, ev{VA: vaX, Old: e, New: mid, Size: kb4})
+			wantKind(t, h.write(h.g.Store(gpa, first, e2&(1<<(8*first)-1), 104)), vasmon.WritePartial)
+			if err := h.mon.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			r.expect(ev{VA: vaX, Old: mid, New: e2, Size: kb4})
+		}
+		// After another chunk of the entry, the same chunk again is a write.
+		a := h.g.Store(gpa, 1, e2&0xFF^rwBit, 105)
+		wantKind(t, h.write(a), vasmon.WriteRelevant)
+		wantKind(t, h.write(h.g.Store(gpa, 1, e2&0xFF, 106)), vasmon.WriteRelevant)
+		a = h.g.Store(gpa, 1, e2&0xFF^rwBit, 105)
+		wantKind(t, h.write(a), vasmon.WriteRelevant)
+		wantKind(t, h.write(a), vasmon.WriteDuplicate)
+		wantKind(t, h.write(h.g.Store(gpa, 1, e2&0xFF, 106)), vasmon.WriteRelevant)
+		r.expect(ev{VA: vaX, Old: e2, New: e2 ^ rwBit, Size: kb4}, ev{VA: vaX, Old: e2 ^ rwBit, New: e2, Size: kb4},
+			ev{VA: vaX, Old: e2, New: e2 ^ rwBit, Size: kb4}, ev{VA: vaX, Old: e2 ^ rwBit, New: e2, Size: kb4})
+		// RIP 0 (unknown) never makes a duplicate: two stores of the same
+		// bytes from unknown instructions are two writes. (The same trap
+		// delivered twice carries the same version stamp: a duplicate
+		// whatever its RIP; see TestStaleWrites.)
+		wantKind(t, h.write(h.g.Store(gpa, first, 0, 0)), vasmon.WritePartial)
+		wantKind(t, h.write(h.g.Store(gpa, first, 0, 0)), vasmon.WritePartial)
+		wantKind(t, h.write(h.g.Store(gpa+uint64(first), esz-first, 0, 0)), vasmon.WriteRelevant)
+		r.expect(ev{VA: vaX, Old: e2, New: 0, Size: kb4})
+		if dups() != 4 {
+			t.Fatalf("%d duplicates counted, want 4", dups())
+		}
 		r.stop()
 	})
+}
+
+// kindOf is the kind of a chunk of n bytes of a changing entry with no
+// partial write pending: narrow chunks complete it.
+func kindOf(n int) vasmon.WriteKind {
+	if n <= 2 {
+		return vasmon.WriteRelevant
+	}
+	return vasmon.WritePartial
 }
 
 // Section 3: the old value reported is the backend's (Write.Old, read
@@ -905,7 +1113,7 @@ func TestRuleHasOld(t *testing.T) {
 		r := h.start(cr3, rwBit|usBit|frameMask, vasmon.Options{})
 		dirty := e | vasmon.BitA | vasmon.BitD
 		// The CPU sets A and D without a trap.
-		h.g.SetEntry(t1, i, dirty)
+		h.g.Mem.WriteUint(t1+uint64(i*mode.EntryBytes()), mode.EntryBytes(), dirty)
 
 		w := h.g.SetEntry(t1, i, 0)
 		if !w.HasOld || w.Old != dirty {
@@ -917,7 +1125,7 @@ func TestRuleHasOld(t *testing.T) {
 		// Without Old, the shadow value (no A/D) is reported.
 		wantKind(t, h.set(t1, i, e), vasmon.WriteRelevant)
 		r.expect(ev{VA: vaX, Old: 0, New: e, Size: kb4})
-		h.g.SetEntry(t1, i, dirty)
+		h.g.Mem.WriteUint(t1+uint64(i*mode.EntryBytes()), mode.EntryBytes(), dirty)
 		w = h.g.SetEntry(t1, i, 0)
 		w.HasOld = false
 		wantKind(t, h.write(w), vasmon.WriteRelevant)
@@ -934,15 +1142,18 @@ func TestRuleHasOld(t *testing.T) {
 		// The first chunk's Old is the old value of a split write.
 		wantKind(t, h.set(t1, i, e), vasmon.WriteRelevant)
 		r.expect(ev{VA: vaX, Old: 0, New: e, Size: kb4})
-		h.g.SetEntry(t1, i, dirty)
-		half := mode.EntryBytes() / 2
+		h.g.Mem.WriteUint(t1+uint64(i*mode.EntryBytes()), mode.EntryBytes(), dirty)
+		first := mode.EntryBytes() / 2
+		if first == 2 {
+			first = 3
+		}
 		gpa := t1 + uint64(i*mode.EntryBytes())
-		w = h.g.Store(gpa, half, 0, 1)
+		w = h.g.Store(gpa, first, 0, 1)
 		if w.Old != dirty {
 			t.Fatalf("first chunk carries old %#x", w.Old)
 		}
 		wantKind(t, h.write(w), vasmon.WritePartial)
-		wantKind(t, h.write(h.g.Store(gpa+uint64(half), half, 0, 2)), vasmon.WriteRelevant)
+		wantKind(t, h.write(h.g.Store(gpa+uint64(first), mode.EntryBytes()-first, 0, 2)), vasmon.WriteRelevant)
 		r.expect(ev{VA: vaX, Old: dirty, New: 0, Size: kb4})
 		r.stop()
 	})
@@ -1223,8 +1434,9 @@ func TestRuleDump(t *testing.T) {
 		r := h.start(cr3, monAll, vasmon.Options{})
 		wantKind(t, h.set(t1, 5, h.leaf(0x2000, 1)), vasmon.WriteRelevant)
 		wantKind(t, h.set(t1, 5, 0), vasmon.WriteRelevant)
-		// A partial write leaving memory as it was (so the oracle holds).
-		wantKind(t, h.store(t1+6*uint64(mode.EntryBytes()), 1, 0), vasmon.WritePartial)
+		// A partial write leaving memory as it was (so the oracle holds):
+		// Dump ends it.
+		wantKind(t, h.store(t1+6*uint64(mode.EntryBytes()), 3, 0), vasmon.WritePartial)
 		h.rec.Take(r)
 
 		var want []vasmon.TableInfo
@@ -1563,15 +1775,11 @@ func TestRuleUnlinkAndLinkInOneWrite(t *testing.T) {
 			h.silent()
 			// ...then one store completes both.
 			wantKind(t, h.store(q+vasmon.PageSize-4, 8, link<<32), vasmon.WriteRelevant)
+			// In a level-1 table the new entry would be a leaf; but the one
+			// store unlinked tt as it wrote it, so tt never mapped it: only
+			// tt's old mapping is reported removed (no phantom).
 			removedE := ev{VA: va + mode.EntrySpan(lq-1), Old: e, New: 0, Size: mode.EntrySpan(lq - 1)}
-			if lq-1 == 1 {
-				// In a level-1 table the new entry is a leaf: the entries
-				// complete in address order, so it is reported new, then
-				// removed with its table.
-				r.expect(ev{VA: va, Old: 0, New: link, Size: kb4}, ev{VA: va, Old: link, New: 0, Size: kb4}, removedE)
-			} else {
-				r.expect(removedE)
-			}
+			r.expect(removedE)
 			if h.prot.Protected(x) || h.prot.Protected(tt) {
 				t.Fatal("unreachable table protected")
 			}
@@ -1580,15 +1788,14 @@ func TestRuleUnlinkAndLinkInOneWrite(t *testing.T) {
 	}
 }
 
-// Engine contract (Write.Seen, not in SEMANTICS.md): a write seen before a
-// hook read its page is already in the shadow and is dropped, so a queued
-// event that predates an unhook and re-hook of its page cannot move the
-// entry back in time; a write seen after the read is applied.
+// Versions (Write.Ver): a write stamped before the page's last read is
+// already in the shadow and is dropped, so a queued event that predates an
+// unhook and re-hook of its page cannot move the entry back in time; a
+// write stamped after the read is applied, and an unstamped one (Ver 0)
+// is never stale.
 func TestStaleWrites(t *testing.T) {
 	forModes(t, func(t *testing.T, mode vasmon.Mode) {
 		h := newHarness(t, mode)
-		var clock int64
-		h.mon.Store().Clock = func() int64 { clock += 10; return clock }
 		cr3 := h.table()
 		t1 := h.path(cr3, vaX, 1, false)
 		i := h.idx(vaX, 1)
@@ -1597,30 +1804,41 @@ func TestStaleWrites(t *testing.T) {
 		r := h.start(cr3, monAll, vasmon.Options{})
 		// A write trapped, then left queued while the root is stopped...
 		queued := h.g.SetEntry(t1, i, 0)
-		queued.Seen = clock + 1
+		if queued.Ver == 0 {
+			t.Fatal("a write of a protected page was not stamped")
+		}
 		h.g.SetEntry(t1, i, e1) // (memory as Stop will find it)
 		r.stop()
 		// ...the guest writes the unprotected page, the root starts again
 		// and reads e2.
-		h.g.SetEntry(t1, i, e2)
-		before := h.mon.Store().Stats().Stale
+		if w := h.g.SetEntry(t1, i, e2); w.Ver != 0 {
+			t.Fatal("a write of an unprotected page was stamped")
+		}
+		before := h.mon.Store().Stats().StaleWrites
 		r2 := h.start(cr3, monAll, vasmon.Options{})
 		// The queued write arrives: dropped, the shadow keeps e2.
 		wantKind(t, h.write(queued), vasmon.WriteUntracked) // as if its page were not hooked
-		if n := h.mon.Store().Stats().Stale - before; n != 1 {
+		if n := h.mon.Store().Stats().StaleWrites - before; n != 1 {
 			t.Fatalf("stale writes counted: %d, want 1", n)
 		}
 		h.quiet()
-		// A write seen after the read is applied, even with the same value
-		// the stale one had.
+		// A write stamped after the read is applied, even with the same
+		// value the stale one had.
 		w := h.g.SetEntry(t1, i, 0)
-		w.Seen = clock + 1
 		wantKind(t, h.write(w), vasmon.WriteRelevant)
 		r2.expect(ev{VA: vaX, Old: e2, New: 0, Size: kb4})
-		// Seen 0 (unknown) is never stale.
-		w = h.g.SetEntry(t1, i, e1)
-		wantKind(t, h.write(w), vasmon.WriteRelevant)
-		r2.expect(ev{VA: vaX, Old: 0, New: e1, Size: kb4})
 		r2.stop()
+
+		// Without versions, stamps are ignored: nothing is stale.
+		hu := newHarnessMem(t, mode, false)
+		cr3 = hu.table()
+		t1 = hu.path(cr3, vaX, 1, false)
+		hu.g.SetEntry(t1, i, e1)
+		ru := hu.start(cr3, monAll, vasmon.Options{})
+		w = hu.g.SetEntry(t1, i, 0)
+		w.Ver = 1
+		wantKind(t, hu.write(w), vasmon.WriteRelevant)
+		ru.expect(ev{VA: vaX, Old: e1, New: 0, Size: kb4})
+		ru.stop()
 	})
 }

@@ -329,7 +329,7 @@ func (g *Guest) drain() {
 				}
 			}
 			g.watchRoot(r)
-			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, RIP: r.RIP, Size: 8, Trap: r.TS - g.clockOff, Seen: r.TS - g.clockOff})
+			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, RIP: r.RIP, Size: 8, Trap: r.TS - g.clockOff})
 		})
 		if n > 0 {
 			if !g.cfg.NullConsumer && len(evs) > 0 {

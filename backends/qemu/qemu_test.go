@@ -136,7 +136,8 @@ func TestLinuxForkOracle(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if d := tablesDiff(g.Memory(), r.Root, e.Dump(r.Root)); d != "" {
+			dump, _ := e.Dump(context.Background(), r.Root)
+			if d := tablesDiff(g.Memory(), r.Root, dump); d != "" {
 				t.Errorf("%s: root %s: hooked tables differ from memory: %s", when, r.Info.Name, d)
 			}
 			tr := base[r.Info]

@@ -397,7 +397,8 @@ func compare(t *testing.T, o *original, p *replayed, exact bool) {
 				t.Fatalf("root %v: the replayed memory ends with another tree: %s", k, d)
 			}
 			var a, b [vasmon.PageSize]byte
-			for _, ti := range p.e.Dump(r) {
+			dump, _ := p.e.Dump(context.Background(), r)
+			for _, ti := range dump {
 				gpa := ti.GPA &^ (vasmon.PageSize - 1)
 				_ = o.vm(k.vm).g.Mem.Read(gpa, a[:])
 				_ = mem.Read(gpa, b[:])

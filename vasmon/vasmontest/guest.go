@@ -13,8 +13,10 @@ import (
 // and fails the test-visible invariants: protecting a protected page or
 // unprotecting an unprotected one is counted as an error.
 type Protections struct {
-	mu         sync.Mutex
-	pages      map[uint64]bool
+	mu    sync.Mutex
+	pages map[uint64]bool
+	// Ver, if set, is kept up to date: the protected bit of each page.
+	Ver        *guestmem.Versions
 	Errors     []string
 	Protects   int
 	Unprotects int
@@ -40,6 +42,9 @@ func (p *Protections) Protect(gpa uint64) error {
 	}
 	p.pages[gpa] = true
 	p.Protects++
+	if p.Ver != nil {
+		p.Ver.SetProtected(gpa, true)
+	}
 	return nil
 }
 
@@ -52,6 +57,9 @@ func (p *Protections) Unprotect(gpa uint64) error {
 	}
 	delete(p.pages, gpa)
 	p.Unprotects++
+	if p.Ver != nil {
+		p.Ver.SetProtected(gpa, false)
+	}
 	return nil
 }
 
@@ -81,20 +89,58 @@ func (p *Protections) Count() int {
 	return len(p.pages)
 }
 
-// Guest is a small in-memory guest: sparse RAM, a bump allocator of table
-// pages and a page-table builder for one paging mode. Its writes go to memory
-// and are returned as vasmon.Write events carrying the old entry value.
+// Guest is a small in-memory guest: sparse RAM with the version word of
+// every page, a bump allocator of table pages and a page-table builder for
+// one paging mode. Its writes go to memory and are returned as vasmon.Write
+// events carrying the old entry value; a write of a protected page (see
+// Protections.Ver) is trapped: it is stamped on the page's version word.
 type Guest struct {
 	Mem  *guestmem.Memory
+	Ver  *guestmem.Versions
 	Mode vasmon.Mode
 	next uint64
 	free []uint64
 }
 
+// maxVersioned is the largest RAM a Guest keeps version words for (they
+// cost 8 bytes per page); a larger, sparse guest's memory is not versioned.
+const maxVersioned = 1 << 36
+
 // NewGuest returns a guest with ramBytes of RAM; tables are allocated from
 // the page at tableBase upwards.
 func NewGuest(mode vasmon.Mode, ramBytes, tableBase uint64) *Guest {
-	return &Guest{Mem: guestmem.New(ramBytes), Mode: mode, next: tableBase}
+	g := &Guest{Mem: guestmem.New(ramBytes), Mode: mode, next: tableBase}
+	if ramBytes <= maxVersioned {
+		g.Ver = guestmem.NewVersions(ramBytes)
+	}
+	return g
+}
+
+// VersionedMemory is guest memory with the version words of its pages
+// (vasmon.Versioned).
+type VersionedMemory struct {
+	*guestmem.Memory
+	V *guestmem.Versions
+}
+
+// Versions implements vasmon.Versioned.
+func (m VersionedMemory) Versions() *guestmem.Versions { return m.V }
+
+// Memory returns the guest's memory as a monitor reads it: versioned, unless
+// the guest is too large to keep version words.
+func (g *Guest) Memory() vasmon.Memory {
+	if g.Ver == nil {
+		return g.Mem
+	}
+	return VersionedMemory{g.Mem, g.Ver}
+}
+
+// NewProtections returns a protection recorder that keeps the guest's
+// version words.
+func (g *Guest) NewProtections() *Protections {
+	p := NewProtections()
+	p.Ver = g.Ver
+	return p
 }
 
 // AllocTable returns a zeroed page for a table (reusing freed pages first).
@@ -128,7 +174,8 @@ func (g *Guest) Entry(table uint64, i int) uint64 {
 
 // Store writes size bytes of v at gpa (anywhere in RAM) and returns the
 // write event a backend would report: Old is the whole entry holding gpa
-// before the store.
+// before the store; a store to a protected page is stamped on its version
+// word (both pages' for a store that crosses a page boundary).
 func (g *Guest) Store(gpa uint64, size int, v uint64, rip uint64) vasmon.Write {
 	esz := uint64(g.Mode.EntryBytes())
 	eaddr := gpa &^ (esz - 1)
@@ -136,10 +183,25 @@ func (g *Guest) Store(gpa uint64, size int, v uint64, rip uint64) vasmon.Write {
 	if err != nil {
 		panic(err)
 	}
+	last := gpa + uint64(size) - 1
+	var ver, ver2 uint32
+	if g.Ver != nil && g.Ver.Protected(gpa) {
+		ver = g.Ver.BeginWrite(gpa)
+	}
+	split := last/vasmon.PageSize != gpa/vasmon.PageSize
+	if split && g.Ver != nil && g.Ver.Protected(last) {
+		ver2 = g.Ver.BeginWrite(last)
+	}
 	if _, err := g.Mem.WriteUint(gpa, size, v); err != nil {
 		panic(err)
 	}
-	return vasmon.Write{GPA: gpa, Data: v, Size: uint8(size), Old: old, HasOld: true, RIP: rip}
+	if ver != 0 {
+		g.Ver.EndWrite(gpa)
+	}
+	if ver2 != 0 {
+		g.Ver.EndWrite(last)
+	}
+	return vasmon.Write{GPA: gpa, Data: v, Size: uint8(size), Old: old, HasOld: true, RIP: rip, Ver: ver, Ver2: ver2}
 }
 
 // SetEntry writes entry i of the table at gpa in one store of the entry's
