@@ -55,11 +55,11 @@ const (
 
 // world is the state of one schedule.
 type world struct {
-	cfg   Config
-	s     *sched
-	e     *engine.Engine
-	vms   []*vmState
-	prog  []byte
+	cfg     Config
+	s       *sched
+	e       *engine.Engine
+	vms     []*vmState
+	prog    []byte
 	stats   Stats
 	ctl     *actor
 	cancels []cancel
@@ -620,4 +620,3 @@ func (w *world) anyRefused(v *vmState) bool {
 	}
 	return false
 }
-
