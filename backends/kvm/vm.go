@@ -42,6 +42,7 @@ type VMConfig struct {
 	noPause    bool                          // experiments: flip slots without pausing the vCPUs
 	shadowSync int                           // experiments: syncAuto, syncOn, syncOff
 	bench      bool                          // run the benchmark guest (genBench)
+	failVCPU   func(i int) error             // tests: make newVCPU fail for vCPU i once it holds its fd and mappings
 }
 
 // VMStats are a VM's counters.
@@ -228,36 +229,44 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err err
 	return vm, nil
 }
 
-func (vm *VM) newVCPU(i int) (*vcpu, error) {
+// newVCPU creates vCPU i and sets it up to start the program. On failure
+// it releases what it had acquired (its fd, run area and ring) and
+// returns nil.
+func (vm *VM) newVCPU(i int) (_ *vcpu, err error) {
 	fd, err := gokvm.CreateVCPU(uintptr(vm.vmFd), i)
 	if err != nil {
 		return nil, fmt.Errorf("kvm: KVM_CREATE_VCPU %d: %w", i, err)
 	}
 	v := &vcpu{vm: vm, index: i, fd: int(fd)}
+	defer func() {
+		if err != nil {
+			v.release()
+		}
+	}()
 	size, err := gokvm.GetVCPUMMmapSize(uintptr(vm.kvmFd))
 	if err != nil {
-		return v, err
+		return nil, err
 	}
 	if v.run, err = unix.Mmap(v.fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
-		return v, fmt.Errorf("kvm: mmap of the run area: %w", err)
+		return nil, fmt.Errorf("kvm: mmap of the run area: %w", err)
 	}
 	if vm.syncRegs {
 		*(*uint64)(unsafe.Pointer(&v.run[runValidRegs])) = syncX86Regs
 	}
 	if vm.dirty != nil {
 		if err := v.mapRing(); err != nil {
-			return v, err
+			return nil, err
 		}
 	}
 	cpuid := gokvm.CPUID{Nent: 256, Entries: make([]gokvm.CPUIDEntry2, 256)}
 	if err := gokvm.GetSupportedCPUID(uintptr(vm.kvmFd), &cpuid); err == nil {
 		if err := gokvm.SetCPUID2(uintptr(v.fd), &cpuid); err != nil {
-			return v, fmt.Errorf("kvm: KVM_SET_CPUID2: %w", err)
+			return nil, fmt.Errorf("kvm: KVM_SET_CPUID2: %w", err)
 		}
 	}
 	sr, err := gokvm.GetSregs(uintptr(v.fd))
 	if err != nil {
-		return v, err
+		return nil, err
 	}
 	l := vm.l
 	data := gokvm.Segment{Limit: 0xFFFFFFFF, Selector: 0x10, Typ: 3, Present: 1, DB: 1, S: 1, G: 1}
@@ -280,12 +289,17 @@ func (vm *VM) newVCPU(i int) (*vcpu, error) {
 		sr.CR4, sr.EFER = 0x10, 0 // PSE
 	}
 	if err := gokvm.SetSregs(uintptr(v.fd), sr); err != nil {
-		return v, fmt.Errorf("kvm: KVM_SET_SREGS: %w", err)
+		return nil, fmt.Errorf("kvm: KVM_SET_SREGS: %w", err)
 	}
 	area := cpuArea(i)
 	regs := &gokvm.Regs{RIP: l.kva(codePhys), RSP: l.kva(area + cpuSize), RBP: l.kva(area), RFLAGS: 2}
 	if err := gokvm.SetRegs(uintptr(v.fd), regs); err != nil {
-		return v, fmt.Errorf("kvm: KVM_SET_REGS: %w", err)
+		return nil, fmt.Errorf("kvm: KVM_SET_REGS: %w", err)
+	}
+	if vm.cfg.failVCPU != nil {
+		if err := vm.cfg.failVCPU(i); err != nil {
+			return nil, err
+		}
 	}
 	return v, nil
 }
@@ -636,13 +650,7 @@ func (vm *VM) release() {
 	}
 	vm.closed = true
 	for _, v := range vm.vcpus {
-		if v.ring != nil {
-			_ = unix.Munmap(v.ring)
-		}
-		if v.run != nil {
-			_ = unix.Munmap(v.run)
-		}
-		_ = unix.Close(v.fd)
+		v.release()
 	}
 	if vm.vmFd >= 0 {
 		_ = unix.Close(vm.vmFd)
@@ -652,6 +660,22 @@ func (vm *VM) release() {
 	}
 	if vm.ram != nil {
 		_ = unix.Munmap(vm.ram)
+	}
+}
+
+// release unmaps the vCPU's ring and run area and closes its fd.
+func (v *vcpu) release() {
+	if v.ring != nil {
+		_ = unix.Munmap(v.ring)
+		v.ring = nil
+	}
+	if v.run != nil {
+		_ = unix.Munmap(v.run)
+		v.run = nil
+	}
+	if v.fd >= 0 {
+		_ = unix.Close(v.fd)
+		v.fd = -1
 	}
 }
 
