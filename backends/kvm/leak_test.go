@@ -48,29 +48,31 @@ func TestNewVCPUFailureReleases(t *testing.T) {
 	defer e.Close()
 	injected := errors.New("injected vCPU setup failure")
 	for _, mode := range []Mode{Trap, Dirty} {
-		if mode == Dirty && dirtySupported() != nil {
-			continue
-		}
-		for _, failAt := range []int{0, 1} {
-			fds0, maps0 := vcpuResources(t)
-			cfg := VMConfig{ID: 1, VCPUs: 2, Mode: mode, failVCPU: func(i int) error {
-				if i == failAt {
-					return injected
-				}
-				return nil
-			}}
-			vm, err := NewVM(e, backends.Request{}, cfg)
-			if !errors.Is(err, injected) {
-				if vm != nil {
-					vm.Close(t.Context())
-				}
-				t.Fatalf("%v, vCPU %d failing: NewVM returned %v, want the injected error", mode, failAt, err)
+		t.Run(mode.String(), func(t *testing.T) {
+			if mode == Dirty {
+				requireDirty(t)
 			}
-			if fds, maps := vcpuResources(t); fds != fds0 || maps != maps0 {
-				t.Fatalf("%v, vCPU %d failing: %d vCPU fds and %d vCPU mappings open after NewVM failed, %d and %d before",
-					mode, failAt, fds, maps, fds0, maps0)
+			for _, failAt := range []int{0, 1} {
+				fds0, maps0 := vcpuResources(t)
+				cfg := VMConfig{ID: 1, VCPUs: 2, Mode: mode, failVCPU: func(i int) error {
+					if i == failAt {
+						return injected
+					}
+					return nil
+				}}
+				vm, err := NewVM(e, backends.Request{}, cfg)
+				if !errors.Is(err, injected) {
+					if vm != nil {
+						vm.Close(t.Context())
+					}
+					t.Fatalf("vCPU %d failing: NewVM returned %v, want the injected error", failAt, err)
+				}
+				if fds, maps := vcpuResources(t); fds != fds0 || maps != maps0 {
+					t.Fatalf("vCPU %d failing: %d vCPU fds and %d vCPU mappings open after NewVM failed, %d and %d before",
+						failAt, fds, maps, fds0, maps0)
+				}
 			}
-		}
+		})
 	}
 	if st := e.Stats(); st.VMs != 0 {
 		t.Fatalf("%d VMs registered after failed NewVMs", st.VMs)

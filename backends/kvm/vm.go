@@ -43,14 +43,16 @@ type VMConfig struct {
 	shadowSync int                           // experiments: syncAuto, syncOn, syncOff
 	bench      bool                          // run the benchmark guest (genBench)
 	failVCPU   func(i int) error             // tests: make newVCPU fail for vCPU i once it holds its fd and mappings
+	probe      bool                          // run the probe guest (genProbe)
 }
 
 // VMStats are a VM's counters.
 type VMStats struct {
 	ID                         vasmon.VMID
-	Traps                      uint64 // trapped page-table writes applied (trap mode)
-	Submitted, Rejected        uint64 // events given to the engine, and refused by it
-	Reads                      uint64 // MMIO reads served (slot momentarily absent)
+	Paging                     vasmon.Mode // the guest's paging mode
+	Traps                      uint64      // trapped page-table writes applied (trap mode)
+	Submitted, Rejected        uint64      // events given to the engine, and refused by it
+	Reads                      uint64      // MMIO reads served (slot momentarily absent)
 	IOExits, IntrExits         uint64
 	RootsStarted, RootsStopped uint64
 	Checks                     uint64 // guest read-back checks passed (reported at the end)
@@ -120,8 +122,33 @@ type vcpu struct {
 }
 
 // NewVM creates the guest (memory, slots, vCPUs, program) and registers it
-// with host. Close releases it.
-func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err error) {
+// with host. Close releases it. When this host's KVM cannot run the paging
+// mode (it drops the control registers of the mode, as kvm_pvm does with
+// CR0.PG outside long mode) NewVM fails with an error wrapping
+// ErrModeUnsupported; Probe tells beforehand.
+func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (*VM, error) {
+	if req.Monitored == 0 {
+		req.Monitored = backends.DefaultMonitored
+	}
+	if req.Callback == nil {
+		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
+	}
+	vm, err := newVM(cfg)
+	if err != nil {
+		return nil, err
+	}
+	vm.host, vm.req = host, req
+	if err := host.AddVM(vm.cfg.ID, vm, vm, 0); err != nil {
+		vm.release()
+		return nil, err
+	}
+	vm.added = true
+	return vm, nil
+}
+
+// newVM builds a guest ready to run, registered nowhere: NewVM's
+// construction, which the probe (probe.go) shares.
+func newVM(cfg VMConfig) (_ *VM, err error) {
 	if cfg.Paging == 0 {
 		cfg.Paging = vasmon.Mode4
 	}
@@ -136,20 +163,17 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err err
 		return nil, err
 	}
 	gen := genGuest
-	if cfg.bench {
+	switch {
+	case cfg.bench:
 		gen = genBench
+	case cfg.probe:
+		gen = genProbe
 	}
 	code, err := gen(l)
 	if err != nil {
 		return nil, err
 	}
-	if req.Monitored == 0 {
-		req.Monitored = backends.DefaultMonitored
-	}
-	if req.Callback == nil {
-		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
-	}
-	vm := &VM{cfg: cfg, host: host, req: req, l: l, kvmFd: -1, vmFd: -1, prot: make([]bool, poolPages),
+	vm := &VM{cfg: cfg, l: l, kvmFd: -1, vmFd: -1, prot: make([]bool, poolPages),
 		roots: make(map[uint64]*vasmon.Root)}
 	defer func() {
 		if err != nil {
@@ -222,10 +246,6 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err err
 		}
 		vm.vcpus = append(vm.vcpus, v)
 	}
-	if err := host.AddVM(cfg.ID, vm, vm, 0); err != nil {
-		return nil, err
-	}
-	vm.added = true
 	return vm, nil
 }
 
@@ -290,6 +310,15 @@ func (vm *VM) newVCPU(i int) (_ *vcpu, err error) {
 	}
 	if err := gokvm.SetSregs(uintptr(v.fd), sr); err != nil {
 		return nil, fmt.Errorf("kvm: KVM_SET_SREGS: %w", err)
+	}
+	// KVM_SET_SREGS succeeds on kvm_pvm for a paging mode it cannot run,
+	// silently dropping CR0.PG: read the registers back.
+	back, err := gokvm.GetSregs(uintptr(v.fd))
+	if err != nil {
+		return nil, fmt.Errorf("kvm: KVM_GET_SREGS: %w", err)
+	}
+	if err := checkSregs(l.mode, sr, back); err != nil {
+		return nil, err
 	}
 	area := cpuArea(i)
 	regs := &gokvm.Regs{RIP: l.kva(codePhys), RSP: l.kva(area + cpuSize), RBP: l.kva(area), RFLAGS: 2}
@@ -454,13 +483,12 @@ func (v *vcpu) failure(what string) error {
 	if err != nil {
 		return fmt.Errorf("kvm: VM %d vCPU %d: %s", v.vm.cfg.ID, v.index, what)
 	}
-	sr, _ := gokvm.GetSregs(uintptr(v.fd))
-	var cr3 uint64
-	if sr != nil {
-		cr3 = sr.CR3
+	cr := "control registers unreadable"
+	if sr, err := gokvm.GetSregs(uintptr(v.fd)); err == nil {
+		cr = fmt.Sprintf("cr0=%#x cr3=%#x cr4=%#x efer=%#x", sr.CR0, sr.CR3, sr.CR4, sr.EFER)
 	}
-	return fmt.Errorf("kvm: VM %d vCPU %d: %s: rip=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x cr3=%#x",
-		v.vm.cfg.ID, v.index, what, regs.RIP, regs.RAX, regs.RBX, regs.RCX, regs.RDX, regs.RSI, regs.RDI, cr3)
+	return fmt.Errorf("kvm: VM %d vCPU %d: %s: rip=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x %s",
+		v.vm.cfg.ID, v.index, what, regs.RIP, regs.RAX, regs.RBX, regs.RCX, regs.RDX, regs.RSI, regs.RDI, cr)
 }
 
 // mmio handles an MMIO exit: a read of a page whose slot is momentarily
@@ -623,7 +651,7 @@ func (vm *VM) Roots() []*vasmon.Root {
 // Stats returns the VM's counters.
 func (vm *VM) Stats() VMStats {
 	s := &vm.st
-	return VMStats{ID: vm.cfg.ID, Traps: s.traps.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
+	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
 		Reads: s.reads.Load(), IOExits: s.io.Load(), IntrExits: s.intr.Load(),
 		RootsStarted: s.started.Load(), RootsStopped: s.stopped.Load(), Checks: s.checks.Load(), Ops: s.ops.Load(),
 		Zaps: s.zaps.Load(), Flips: s.flips.Load(), FlipTime: time.Duration(s.flipNs.Load()), FlipMax: time.Duration(s.flipMax.Load()),
