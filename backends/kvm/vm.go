@@ -44,6 +44,7 @@ type VMConfig struct {
 	bench      bool                          // run the benchmark guest (genBench)
 	failVCPU   func(i int) error             // tests: make newVCPU fail for vCPU i once it holds its fd and mappings
 	probe      bool                          // run the probe guest (genProbe)
+	timing     bool                          // benchmarks: time each trap and each Submit on the vCPU thread (VM.trapNs, submitNs)
 }
 
 // VMStats are a VM's counters.
@@ -101,6 +102,11 @@ type VM struct {
 
 	dirty *dirtyState
 
+	// cfg.timing, guarded by writeMu: the time from each trapped write's
+	// exit to the same vCPU's next one (the guest's cost of one trap), and
+	// each Submit's time.
+	trapNs, submitNs []int64
+
 	stopping atomic.Bool
 	st       struct {
 		traps, submitted, rejected, reads, io, intr, started, stopped, flips, flipNs, flipMax,
@@ -119,6 +125,8 @@ type vcpu struct {
 	ev    [1]shard.Event
 	ring  []byte // dirty ring (dirty mode)
 	next  uint32 // next ring entry to harvest
+
+	lastTrap int64 // cfg.timing: shard.Now of the last trapped write's exit
 }
 
 // NewVM creates the guest (memory, slots, vCPUs, program) and registers it
@@ -513,6 +521,12 @@ func (v *vcpu) mmio(now int64) error {
 	}
 	esz := uint64(vm.l.esz)
 	vm.writeMu.Lock()
+	if vm.cfg.timing {
+		if v.lastTrap != 0 {
+			vm.trapNs = append(vm.trapNs, now-v.lastTrap)
+		}
+		v.lastTrap = now
+	}
 	old := vm.load(gpa&^(esz-1), int(esz))
 	if vm.cfg.corrupt != nil {
 		data = vm.cfg.corrupt(gpa, data)
@@ -521,7 +535,13 @@ func (v *vcpu) mmio(now int64) error {
 	vm.st.traps.Add(1)
 	if vm.dirty == nil && !vm.cfg.Null {
 		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now}
-		vm.submit(v.ev[:])
+		if vm.cfg.timing {
+			t := shard.Now()
+			vm.submit(v.ev[:])
+			vm.submitNs = append(vm.submitNs, shard.Now()-t)
+		} else {
+			vm.submit(v.ev[:])
+		}
 	}
 	vm.writeMu.Unlock()
 	if vm.zap {
