@@ -55,7 +55,8 @@ func requireMode(t testing.TB, m vasmon.Mode) {
 			"*** The KVM backend's guests were NOT run by this test.\n"+
 			"*** Run backends/kvm/testdata/nested.sh to test it under nested\n"+
 			"*** KVM in QEMU TCG, or run on a host with /dev/kvm.\n"+
-			"*****************************************************************", Device, err)
+			"*****************************************************************", Device,
+			strings.TrimPrefix(oneLine(err), ErrNoKVM.Error()+": "))
 	} else {
 		msg = fmt.Sprintf("\n"+
 			"*****************************************************************\n"+
