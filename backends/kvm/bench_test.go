@@ -3,10 +3,13 @@ package kvm
 import (
 	"context"
 	"flag"
+	"runtime"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/engine"
@@ -24,6 +27,7 @@ type trapCase struct {
 	null bool          // apply the write, submit nothing
 	sync int           // shadow-MMU invalidation: syncOff or syncOn
 	spin time.Duration // the shard worker's Spin (engine cases)
+	busy bool          // a thread spins where the shard worker is pinned
 }
 
 // BenchmarkTrap measures what a trapped page-table write costs the guest,
@@ -41,7 +45,11 @@ type trapCase struct {
 //   - poll: the full engine, its worker polling (Spin one hour: it never
 //     parks during the run);
 //   - park: the full engine, its worker parking after each event (Spin
-//     negative), so every Submit wakes it.
+//     negative), so every Submit wakes it;
+//   - busy: the null baseline while a plain thread spins on the CPU the
+//     shard worker is pinned to (what a polling worker costs the guest
+//     by occupying a core, whatever it does: on kvm_pvm the shadow zap is
+//     slower while the other core is busy).
 //
 // The engine cases zap exactly when the host needs it; the null baseline
 // is zap on such a host, raw otherwise. The vCPU thread times every trap
@@ -58,7 +66,9 @@ type trapCase struct {
 //   - engine-%-poll, engine-%-park: the engine's added time per trap in
 //     percent of the baseline's (per-round medians), median over rounds,
 //     with -min and -max over rounds; engine-%-CASE-mean: the median over
-//     rounds of the same from the means;
+//     rounds of the same from the means; busy-%: the same for busy, and
+//     engine-%-poll-vs-busy: poll against busy (the polling engine's cost
+//     beyond occupying a core);
 //   - ns/submit-poll, ns/submit-park and their -p99: the time a Submit
 //     takes on the vCPU thread, over every trap of every round;
 //     slow-submit-%-CASE: the share of Submits that took over 2 us, and
@@ -86,6 +96,7 @@ func BenchmarkTrap(b *testing.B) {
 		{name: "zap", null: true, sync: syncOn},
 		{name: "poll", sync: base, spin: time.Hour},
 		{name: "park", sync: base, spin: -1},
+		{name: "busy", null: true, sync: base, busy: true},
 	}
 	null := 0
 	if base == syncOn {
@@ -122,6 +133,17 @@ func BenchmarkTrap(b *testing.B) {
 	for c, tc := range cases {
 		b.ReportMetric(median(med[c]), "ns/trap-"+tc.name)
 		b.ReportMetric(median(mean[c]), "ns/trap-"+tc.name+"-mean")
+		if tc.busy {
+			sh := share(med, c)
+			b.ReportMetric(median(sh), "busy-%")
+			b.ReportMetric(slices.Min(sh), "busy-%-min")
+			b.ReportMetric(slices.Max(sh), "busy-%-max")
+			vs := make([]float64, rounds)
+			for r := range vs {
+				vs[r] = 100 * (med[2][r] - med[c][r]) / med[c][r]
+			}
+			b.ReportMetric(median(vs), "engine-%-poll-vs-busy")
+		}
 		if tc.null {
 			continue
 		}
@@ -168,6 +190,9 @@ func runTrapCase(b *testing.B, c trapCase, iters uint64) (time.Duration, uint64,
 	var calls atomic.Uint64
 	req := backends.Request{Monitored: backends.DefaultMonitored,
 		Callback: func(any, uint64, uint64, uint64, uint64) { calls.Add(1) }}
+	if c.busy {
+		defer spinOn(b, e.Config().CPUs[0])()
+	}
 	var t0 time.Time
 	cfg := VMConfig{ID: 1, VCPUs: 1, Iterations: iters, Null: c.null, bench: true, shadowSync: c.sync, timing: true,
 		OnStart: func(*vasmon.Root) { t0 = time.Now() }}
@@ -203,6 +228,26 @@ func runTrapCase(b *testing.B, c trapCase, iters uint64) (time.Duration, uint64,
 // slowSubmit separates a Submit that woke the worker from one that only
 // enqueued (BenchmarkTrap).
 const slowSubmit = 2000 // ns
+
+// spinOn starts a thread spinning on host CPU cpu; stop ends it.
+func spinOn(b *testing.B, cpu int) (stop func()) {
+	var quit atomic.Bool
+	started, done := make(chan error), make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		var set unix.CPUSet
+		set.Set(cpu)
+		started <- unix.SchedSetaffinity(0, &set)
+		for !quit.Load() {
+		}
+	}()
+	if err := <-started; err != nil {
+		b.Fatalf("pinning the spinner to CPU %d: %v", cpu, err)
+	}
+	return func() { quit.Store(true); <-done }
+}
 
 func median(v []float64) float64 {
 	s := slices.Clone(v)
