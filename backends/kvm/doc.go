@@ -73,8 +73,18 @@
 // (stopping its roots) before releasing anything. The trap path reuses a
 // per-vCPU event buffer; Submit copies it.
 //
-// Run is the entry point for the command line; NewVM, VM.Run and VM.Close
-// are the pieces, for tests and embedders. When /dev/kvm is missing the
-// tests skip loudly; testdata/nested.sh runs them under nested KVM in a QEMU
-// TCG guest.
+// # Hosts
+//
+// What a host's KVM runs cannot be asked (kvm_pvm, a software hypervisor,
+// runs paged guests only in long mode, yet advertises PSE and PAE and
+// accepts CR0.PG outside long mode from KVM_SET_SREGS, silently dropping
+// it): Probe boots a tiny guest of a paging mode through NewVM's own
+// construction and caches the answer per mode; NewVM reads the control
+// registers back and refuses a mode whose bits did not stick
+// (ErrModeUnsupported). Run is the entry point for the command line;
+// NewVM, VM.Run and VM.Close are the pieces, for tests and embedders. When
+// /dev/kvm is missing, or the host cannot run a paging mode, the tests
+// (of that mode) skip loudly with the reason, or fail when
+// VASENGINE_REQUIRE_KVM is set; testdata/nested.sh runs them under nested
+// KVM in a QEMU TCG guest.
 package kvm

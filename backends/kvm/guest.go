@@ -172,7 +172,7 @@ func layoutOf(m vasmon.Mode) (*layout, error) {
 		}
 		return l, nil
 	}
-	return nil, fmt.Errorf("kvm: paging mode %v is not supported by the guest", m)
+	return nil, fmt.Errorf("kvm: the KVM backend's guest has no %v mode (it has 4-level, pae and 32-bit)", m)
 }
 
 // kva returns the kernel virtual address of physical address p.
@@ -846,4 +846,32 @@ func genBench(l *layout) ([]byte, error) {
 func (l *layout) initBench(ram []byte) {
 	binary.LittleEndian.PutUint64(ram[benchRoot:], benchPDPT|flTable)
 	binary.LittleEndian.PutUint64(ram[benchRoot+511*8:], bootPDPT|flTable)
+}
+
+// genProbe returns the probe program (probe.go): read the tag of the first
+// small data frame through the kernel mapping (so paging in the mode's
+// tables works), report it on portDone if it is right, on portFail
+// otherwise (got and want in the vCPU area), and halt.
+func genProbe(l *layout) ([]byte, error) {
+	g := &gen{asm: newAsm(l.long), l: l}
+	bad := g.newLabel()
+	g.load(rAX, abs(int32(l.kva(smallPhys))))
+	g.store(at(rBP, g.w(wGot)), rAX)
+	g.movRI(rCX, smallPhys)
+	g.store(at(rBP, g.w(wWant)), rCX)
+	g.aluRR(opCmp, rAX, rCX)
+	g.jcc(ccNE, bad)
+	g.movRI(rDX, portDone)
+	g.outDX()
+	h := g.here()
+	g.hlt()
+	g.jmp(h)
+	g.bind(bad)
+	g.movRI(rAX, failRead)
+	g.movRI(rDX, portFail)
+	g.outDX()
+	h2 := g.here()
+	g.hlt()
+	g.jmp(h2)
+	return g.finish()
 }

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,26 +19,88 @@ import (
 	"github.com/vasengine/vasengine/vasmon/vasmontest"
 )
 
-// requireKVM skips the test, loudly, when /dev/kvm cannot be used, unless
-// VASENGINE_REQUIRE_KVM is set (testdata/nested.sh sets it): then it fails.
+// skipOut receives the loud skip messages (tests of requireMode silence it).
+var skipOut io.Writer = os.Stderr
+
+// requireKVM skips the test, loudly, when /dev/kvm cannot be used or this
+// host's KVM cannot run 4-level guests, unless VASENGINE_REQUIRE_KVM is set
+// (testdata/nested.sh sets it): then it fails.
 func requireKVM(t testing.TB) {
 	t.Helper()
-	err := Available()
+	requireMode(t, vasmon.Mode4)
+}
+
+// requireDevice is requireKVM for tests whose subtests call requireMode:
+// it skips (or fails) only when /dev/kvm itself is not usable.
+func requireDevice(t testing.TB) {
+	t.Helper()
+	if err := Probe(vasmon.Mode4); errors.Is(err, ErrNoKVM) {
+		requireMode(t, vasmon.Mode4)
+	}
+}
+
+// requireMode is requireKVM for guests of paging mode m: it skips (or, with
+// VASENGINE_REQUIRE_KVM set, fails) with Probe's reason.
+func requireMode(t testing.TB, m vasmon.Mode) {
+	t.Helper()
+	err := Probe(m)
 	if err == nil {
 		return
 	}
-	msg := fmt.Sprintf("\n"+
-		"*****************************************************************\n"+
-		"*** SKIPPED: %s is not usable here (%v).\n"+
-		"*** The KVM backend's guests were NOT run by this test.\n"+
-		"*** Run backends/kvm/testdata/nested.sh to test it under nested\n"+
-		"*** KVM in QEMU TCG, or run on a host with /dev/kvm.\n"+
-		"*****************************************************************", Device, err)
+	var msg string
+	if errors.Is(err, ErrNoKVM) {
+		msg = fmt.Sprintf("\n"+
+			"*****************************************************************\n"+
+			"*** SKIPPED: %s is not usable here (%v).\n"+
+			"*** The KVM backend's guests were NOT run by this test.\n"+
+			"*** Run backends/kvm/testdata/nested.sh to test it under nested\n"+
+			"*** KVM in QEMU TCG, or run on a host with /dev/kvm.\n"+
+			"*****************************************************************", Device,
+			strings.TrimPrefix(oneLine(err), ErrNoKVM.Error()+": "))
+	} else {
+		msg = fmt.Sprintf("\n"+
+			"*****************************************************************\n"+
+			"*** SKIPPED: %v guests cannot run on this host's KVM (%s): %s\n"+
+			"*** The KVM backend's %v guests were NOT run by this test.\n"+
+			"*** Run backends/kvm/testdata/nested.sh (nested KVM in QEMU TCG)\n"+
+			"*** or use a host with a full KVM to run them.\n"+
+			"*****************************************************************", m, moduleName(), reason(err, m), m)
+	}
+	skipLoudly(t, msg)
+}
+
+// requireDirty skips (or fails) like requireKVM when the dirty ring is
+// missing.
+func requireDirty(t testing.TB) {
+	t.Helper()
+	if err := DirtyRingSupported(); err != nil {
+		skipLoudly(t, fmt.Sprintf("\n"+
+			"*****************************************************************\n"+
+			"*** SKIPPED: dirty mode cannot run here: %s\n"+
+			"*** The KVM backend's dirty mode was NOT run by this test.\n"+
+			"*****************************************************************", oneLine(err)))
+	}
+}
+
+func skipLoudly(t testing.TB, msg string) {
+	t.Helper()
 	if os.Getenv("VASENGINE_REQUIRE_KVM") != "" {
 		t.Fatal(msg)
 	}
-	fmt.Fprintln(os.Stderr, msg)
+	fmt.Fprintln(skipOut, msg)
 	t.Skip(msg)
+}
+
+// reason is err's message without ErrModeUnsupported's words and the mode.
+func reason(err error, m vasmon.Mode) string {
+	return strings.TrimPrefix(oneLine(err), ErrModeUnsupported.Error()+": "+m.String()+" guests: ")
+}
+
+func moduleName() string {
+	if m := Module(); m != "" {
+		return m
+	}
+	return "module unknown"
 }
 
 // guestRun is one test run of VMs on an engine, with the initial map of
@@ -181,7 +246,7 @@ func (vm *VM) protectedPages() int {
 	return n
 }
 
-var pagingModes = []vasmon.Mode{vasmon.Mode4, vasmon.ModePAE, vasmon.Mode32}
+var pagingModes = GuestModes()
 
 // iterations is the guest iterations per vCPU of the oracle tests: each
 // makes one or two page-table writes and a read-back check.
@@ -197,9 +262,10 @@ func iterations() uint64 {
 // checks the oracle for every root, that every trap was one processed event,
 // and that removing the VMs unprotects every page.
 func TestTrapOracle(t *testing.T) {
-	requireKVM(t)
+	requireDevice(t)
 	for _, m := range pagingModes {
 		t.Run(m.String(), func(t *testing.T) {
+			requireMode(t, m)
 			g := newGuestRun(t, 2, VMConfig{Paging: m, VCPUs: 2, Seed: 7, Iterations: iterations()}, engine.Config{Shards: 2})
 			for i, err := range g.run(context.Background()) {
 				if err != nil {
@@ -228,12 +294,11 @@ func TestTrapOracle(t *testing.T) {
 
 // TestDirtyOracle is TestTrapOracle in dirty mode.
 func TestDirtyOracle(t *testing.T) {
-	requireKVM(t)
-	if err := dirtySupported(); err != nil {
-		t.Skipf("dirty ring unavailable: %v", err)
-	}
+	requireDevice(t)
+	requireDirty(t)
 	for _, m := range pagingModes {
 		t.Run(m.String(), func(t *testing.T) {
+			requireMode(t, m)
 			g := newGuestRun(t, 2, VMConfig{Paging: m, VCPUs: 2, Seed: 11, Iterations: iterations(), Mode: Dirty}, engine.Config{Shards: 2})
 			for i, err := range g.run(context.Background()) {
 				if err != nil {
@@ -313,9 +378,10 @@ func TestStopInFlight(t *testing.T) {
 // wrong frame: the guest's read-back must catch it (so the checks in the
 // other tests can fail).
 func TestGuestDetectsCorruption(t *testing.T) {
-	requireKVM(t)
+	requireDevice(t)
 	for _, m := range pagingModes {
 		t.Run(m.String(), func(t *testing.T) {
+			requireMode(t, m)
 			l, _ := layoutOf(m)
 			cfg := VMConfig{Paging: m, VCPUs: 1, Seed: 5, Iterations: 300}
 			cfg.corrupt = func(gpa, data uint64) uint64 {
@@ -329,6 +395,18 @@ func TestGuestDetectsCorruption(t *testing.T) {
 			err := g.run(context.Background())[0]
 			if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("guest check failed: code %d", failRead)) {
 				t.Fatalf("the guest did not detect a wrong frame: %v", err)
+			}
+			// The failure shows the control registers: paging on, the mode's bits.
+			var cr0, cr3, cr4, efer uint64
+			msg := err.Error()
+			if i := strings.Index(msg, " cr0="); i < 0 {
+				t.Fatalf("no control registers in %q", msg)
+			} else if _, err := fmt.Sscanf(msg[i:], " cr0=%v cr3=%v cr4=%v efer=%v", &cr0, &cr3, &cr4, &efer); err != nil {
+				t.Fatalf("control registers in %q: %v", msg, err)
+			}
+			wantCR4 := map[vasmon.Mode]uint64{vasmon.Mode4: cr4PAE, vasmon.ModePAE: cr4PAE, vasmon.Mode32: cr4PSE}[m]
+			if cr0&cr0PG == 0 || cr4&wantCR4 == 0 || (m == vasmon.Mode4) != (efer&eferLMA != 0) || cr3 == 0 {
+				t.Fatalf("%v guest failure shows cr0=%#x cr3=%#x cr4=%#x efer=%#x", m, cr0, cr3, cr4, efer)
 			}
 		})
 	}
@@ -356,16 +434,60 @@ func TestRun(t *testing.T) {
 	if _, err := Run(context.Background(), e, Config{}, backends.Request{}); err == nil {
 		t.Fatal("Run without Iterations or Duration succeeded")
 	}
+	// Mixed: every mode this host runs, guest i in mode i mod n.
+	var modes []vasmon.Mode
+	for _, m := range GuestModes() {
+		if Probe(m) == nil {
+			modes = append(modes, m)
+		}
+	}
+	sum, err = Run(context.Background(), e, Config{VMs: len(modes) + 1, VCPUs: 1, Iterations: 50, Seed: 2, Modes: modes}, backends.Request{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sum.Paging(); !slices.Equal(got, modes) || sum.VMs[len(modes)].Paging != modes[0] || sum.Total.Checks == 0 {
+		t.Fatalf("Run with modes %v: guests ran %v, %+v", modes, got, sum.VMs)
+	}
 }
 
-func dirtySupported() error {
-	fd, err := os.OpenFile(Device, os.O_RDWR, 0)
+// TestRunRefusesUnsupportedMode: Run of a paging mode the host cannot run
+// (the probe's answer injected) fails before creating any guest.
+func TestRunRefusesUnsupportedMode(t *testing.T) {
+	defer SetProbe(func(m vasmon.Mode) error {
+		if m == vasmon.Mode32 {
+			return fmt.Errorf("%w: %v guests: injected", ErrModeUnsupported, m)
+		}
+		return nil
+	})()
+	e, err := engine.New(engine.Config{Shards: 1})
 	if err != nil {
-		return err
+		t.Fatal(err)
 	}
-	defer fd.Close()
-	if checkExtension(int(fd.Fd()), capDirtyLogRing) == 0 {
-		return errors.New("KVM_CAP_DIRTY_LOG_RING not supported")
+	defer e.Close()
+	var added atomic.Int32
+	host := addCounter{e, &added}
+	for _, cfg := range []Config{
+		{Paging: vasmon.Mode32, Iterations: 10},
+		{Modes: []vasmon.Mode{vasmon.Mode4, vasmon.Mode32}, VMs: 2, Iterations: 10},
+	} {
+		sum, err := Run(context.Background(), host, cfg, backends.Request{})
+		if !errors.Is(err, ErrModeUnsupported) || len(sum.VMs) != 0 || added.Load() != 0 {
+			t.Fatalf("Run(%+v): %v, %d guests, %d added to the host", cfg, err, len(sum.VMs), added.Load())
+		}
 	}
-	return nil
+	if _, err := Run(context.Background(), host, Config{Paging: vasmon.Mode5, Iterations: 10}, backends.Request{}); err == nil ||
+		!strings.Contains(err.Error(), "5-level") {
+		t.Fatalf("Run of 5-level guests: %v", err)
+	}
+}
+
+// addCounter counts the VMs added to a host.
+type addCounter struct {
+	*engine.Engine
+	n *atomic.Int32
+}
+
+func (h addCounter) AddVM(id vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector, budget int64) error {
+	h.n.Add(1)
+	return h.Engine.AddVM(id, mem, prot, budget)
 }

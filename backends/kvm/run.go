@@ -1,9 +1,11 @@
 package kvm
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -53,6 +55,8 @@ type Config struct {
 	Mode   Mode        // Trap or Dirty
 	Paging vasmon.Mode // guest paging mode; 0: 4-level
 	Seed   uint64      // guest i uses Seed+i
+	// Modes, if set, overrides Paging: guest i runs Modes[i%len(Modes)].
+	Modes []vasmon.Mode
 	// Iterations per vCPU; 0 runs until Duration has passed (or ctx ends).
 	Iterations uint64
 	Duration   time.Duration
@@ -61,6 +65,7 @@ type Config struct {
 
 // Summary is what Run did.
 type Summary struct {
+	Mode    Mode // trap or dirty
 	VMs     []VMStats
 	Total   VMStats // sums (Elapsed: the longest run; FlipMax: the largest)
 	Elapsed time.Duration
@@ -68,19 +73,42 @@ type Summary struct {
 
 // TrapsPerSecond returns the trapped writes per second of guest run time,
 // summed over guests.
-func (s Summary) TrapsPerSecond() float64 {
+func (s Summary) TrapsPerSecond() float64 { return s.perSecond(s.Total.Traps) }
+
+// DirtyPagesPerSecond returns the dirty pages harvested per second of
+// guest run time, summed over guests (dirty mode).
+func (s Summary) DirtyPagesPerSecond() float64 { return s.perSecond(s.Total.DirtyPages) }
+
+func (s Summary) perSecond(n uint64) float64 {
 	if s.Elapsed <= 0 {
 		return 0
 	}
-	return float64(s.Total.Traps) / s.Elapsed.Seconds()
+	return float64(n) / s.Elapsed.Seconds()
+}
+
+// FlipMean returns the mean time of a slot flip.
+func (s Summary) FlipMean() time.Duration {
+	if s.Total.Flips == 0 {
+		return 0
+	}
+	return s.Total.FlipTime / time.Duration(s.Total.Flips)
+}
+
+// Paging returns the paging modes the guests ran, each once, in the order
+// of the guests.
+func (s Summary) Paging() []vasmon.Mode {
+	var ms []vasmon.Mode
+	for _, v := range s.VMs {
+		if !slices.Contains(ms, v.Paging) {
+			ms = append(ms, v.Paging)
+		}
+	}
+	return ms
 }
 
 func (s Summary) String() string {
 	t := s.Total
-	fl := time.Duration(0)
-	if t.Flips > 0 {
-		fl = t.FlipTime / time.Duration(t.Flips)
-	}
+	fl := s.FlipMean()
 	return fmt.Sprintf("%d VMs, %v: %d guest iterations, %d checks passed; %d traps (%.0f/s), %d events submitted "+
 		"(%d rejected), %d roots started, %d stopped; %d slot flips (mean %v, max %v); %d dirty pages in %d harvests",
 		len(s.VMs), s.Elapsed.Round(time.Millisecond), t.Ops, t.Checks, t.Traps, s.TrapsPerSecond(), t.Submitted,
@@ -90,14 +118,24 @@ func (s Summary) String() string {
 // Run runs cfg.VMs guests concurrently on host, monitoring every address
 // space they create with req, until each guest has done its iterations,
 // cfg.Duration has passed, or ctx ends; then it removes the guests from the
-// host and returns what they did. A guest failure is returned as an error
-// (with the summary so far).
+// host and returns what they did. A paging mode this host cannot run
+// (Probe) is an error before any guest is created. A guest failure is
+// returned as an error (with the summary so far).
 func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request) (Summary, error) {
 	if cfg.VMs == 0 {
 		cfg.VMs = 1
 	}
 	if cfg.FirstID == 0 {
 		cfg.FirstID = 1
+	}
+	modes := cfg.Modes
+	if len(modes) == 0 {
+		modes = []vasmon.Mode{cmp.Or(cfg.Paging, vasmon.Mode4)}
+	}
+	for _, m := range modes {
+		if err := Probe(m); err != nil {
+			return Summary{Mode: cfg.Mode}, err
+		}
 	}
 	if cfg.Iterations == 0 && cfg.Duration <= 0 {
 		if _, ok := ctx.Deadline(); !ok {
@@ -112,7 +150,7 @@ func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request
 	var vms []*VM
 	var errs []error
 	for i := 0; i < cfg.VMs; i++ {
-		vm, err := NewVM(host, req, VMConfig{ID: cfg.FirstID + vasmon.VMID(i), Paging: cfg.Paging, VCPUs: cfg.VCPUs,
+		vm, err := NewVM(host, req, VMConfig{ID: cfg.FirstID + vasmon.VMID(i), Paging: modes[i%len(modes)], VCPUs: cfg.VCPUs,
 			Seed: cfg.Seed + uint64(i), Iterations: cfg.Iterations, Mode: cfg.Mode})
 		if err != nil {
 			errs = append(errs, err)
@@ -137,7 +175,7 @@ func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request
 		}
 		wg.Wait()
 	}
-	sum := Summary{Elapsed: time.Since(t0)}
+	sum := Summary{Mode: cfg.Mode, Elapsed: time.Since(t0)}
 	for _, vm := range vms {
 		st := vm.Stats()
 		if err := vm.Close(context.Background()); err != nil {

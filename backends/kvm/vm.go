@@ -42,14 +42,18 @@ type VMConfig struct {
 	noPause    bool                          // experiments: flip slots without pausing the vCPUs
 	shadowSync int                           // experiments: syncAuto, syncOn, syncOff
 	bench      bool                          // run the benchmark guest (genBench)
+	failVCPU   func(i int) error             // tests: make newVCPU fail for vCPU i once it holds its fd and mappings
+	probe      bool                          // run the probe guest (genProbe)
+	timing     bool                          // benchmarks: time each trap and each Submit on the vCPU thread (VM.trapNs, submitNs)
 }
 
 // VMStats are a VM's counters.
 type VMStats struct {
 	ID                         vasmon.VMID
-	Traps                      uint64 // trapped page-table writes applied (trap mode)
-	Submitted, Rejected        uint64 // events given to the engine, and refused by it
-	Reads                      uint64 // MMIO reads served (slot momentarily absent)
+	Paging                     vasmon.Mode // the guest's paging mode
+	Traps                      uint64      // trapped page-table writes applied (trap mode)
+	Submitted, Rejected        uint64      // events given to the engine, and refused by it
+	Reads                      uint64      // MMIO reads served (slot momentarily absent)
 	IOExits, IntrExits         uint64
 	RootsStarted, RootsStopped uint64
 	Checks                     uint64 // guest read-back checks passed (reported at the end)
@@ -98,6 +102,11 @@ type VM struct {
 
 	dirty *dirtyState
 
+	// cfg.timing, guarded by writeMu: the time from each trapped write's
+	// exit to the same vCPU's next one (the guest's cost of one trap), and
+	// each Submit's time.
+	trapNs, submitNs []int64
+
 	stopping atomic.Bool
 	st       struct {
 		traps, submitted, rejected, reads, io, intr, started, stopped, flips, flipNs, flipMax,
@@ -116,11 +125,38 @@ type vcpu struct {
 	ev    [1]shard.Event
 	ring  []byte // dirty ring (dirty mode)
 	next  uint32 // next ring entry to harvest
+
+	lastTrap int64 // cfg.timing: shard.Now of the last trapped write's exit
 }
 
 // NewVM creates the guest (memory, slots, vCPUs, program) and registers it
-// with host. Close releases it.
-func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err error) {
+// with host. Close releases it. When this host's KVM cannot run the paging
+// mode (it drops the control registers of the mode, as kvm_pvm does with
+// CR0.PG outside long mode) NewVM fails with an error wrapping
+// ErrModeUnsupported; Probe tells beforehand.
+func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (*VM, error) {
+	if req.Monitored == 0 {
+		req.Monitored = backends.DefaultMonitored
+	}
+	if req.Callback == nil {
+		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
+	}
+	vm, err := newVM(cfg)
+	if err != nil {
+		return nil, err
+	}
+	vm.host, vm.req = host, req
+	if err := host.AddVM(vm.cfg.ID, vm, vm, 0); err != nil {
+		vm.release()
+		return nil, err
+	}
+	vm.added = true
+	return vm, nil
+}
+
+// newVM builds a guest ready to run, registered nowhere: NewVM's
+// construction, which the probe (probe.go) shares.
+func newVM(cfg VMConfig) (_ *VM, err error) {
 	if cfg.Paging == 0 {
 		cfg.Paging = vasmon.Mode4
 	}
@@ -135,20 +171,17 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err err
 		return nil, err
 	}
 	gen := genGuest
-	if cfg.bench {
+	switch {
+	case cfg.bench:
 		gen = genBench
+	case cfg.probe:
+		gen = genProbe
 	}
 	code, err := gen(l)
 	if err != nil {
 		return nil, err
 	}
-	if req.Monitored == 0 {
-		req.Monitored = backends.DefaultMonitored
-	}
-	if req.Callback == nil {
-		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
-	}
-	vm := &VM{cfg: cfg, host: host, req: req, l: l, kvmFd: -1, vmFd: -1, prot: make([]bool, poolPages),
+	vm := &VM{cfg: cfg, l: l, kvmFd: -1, vmFd: -1, prot: make([]bool, poolPages),
 		roots: make(map[uint64]*vasmon.Root)}
 	defer func() {
 		if err != nil {
@@ -221,43 +254,47 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (_ *VM, err err
 		}
 		vm.vcpus = append(vm.vcpus, v)
 	}
-	if err := host.AddVM(cfg.ID, vm, vm, 0); err != nil {
-		return nil, err
-	}
-	vm.added = true
 	return vm, nil
 }
 
-func (vm *VM) newVCPU(i int) (*vcpu, error) {
+// newVCPU creates vCPU i and sets it up to start the program. On failure
+// it releases what it had acquired (its fd, run area and ring) and
+// returns nil.
+func (vm *VM) newVCPU(i int) (_ *vcpu, err error) {
 	fd, err := gokvm.CreateVCPU(uintptr(vm.vmFd), i)
 	if err != nil {
 		return nil, fmt.Errorf("kvm: KVM_CREATE_VCPU %d: %w", i, err)
 	}
 	v := &vcpu{vm: vm, index: i, fd: int(fd)}
+	defer func() {
+		if err != nil {
+			v.release()
+		}
+	}()
 	size, err := gokvm.GetVCPUMMmapSize(uintptr(vm.kvmFd))
 	if err != nil {
-		return v, err
+		return nil, err
 	}
 	if v.run, err = unix.Mmap(v.fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
-		return v, fmt.Errorf("kvm: mmap of the run area: %w", err)
+		return nil, fmt.Errorf("kvm: mmap of the run area: %w", err)
 	}
 	if vm.syncRegs {
 		*(*uint64)(unsafe.Pointer(&v.run[runValidRegs])) = syncX86Regs
 	}
 	if vm.dirty != nil {
 		if err := v.mapRing(); err != nil {
-			return v, err
+			return nil, err
 		}
 	}
 	cpuid := gokvm.CPUID{Nent: 256, Entries: make([]gokvm.CPUIDEntry2, 256)}
 	if err := gokvm.GetSupportedCPUID(uintptr(vm.kvmFd), &cpuid); err == nil {
 		if err := gokvm.SetCPUID2(uintptr(v.fd), &cpuid); err != nil {
-			return v, fmt.Errorf("kvm: KVM_SET_CPUID2: %w", err)
+			return nil, fmt.Errorf("kvm: KVM_SET_CPUID2: %w", err)
 		}
 	}
 	sr, err := gokvm.GetSregs(uintptr(v.fd))
 	if err != nil {
-		return v, err
+		return nil, err
 	}
 	l := vm.l
 	data := gokvm.Segment{Limit: 0xFFFFFFFF, Selector: 0x10, Typ: 3, Present: 1, DB: 1, S: 1, G: 1}
@@ -280,12 +317,26 @@ func (vm *VM) newVCPU(i int) (*vcpu, error) {
 		sr.CR4, sr.EFER = 0x10, 0 // PSE
 	}
 	if err := gokvm.SetSregs(uintptr(v.fd), sr); err != nil {
-		return v, fmt.Errorf("kvm: KVM_SET_SREGS: %w", err)
+		return nil, fmt.Errorf("kvm: KVM_SET_SREGS: %w", err)
+	}
+	// KVM_SET_SREGS succeeds on kvm_pvm for a paging mode it cannot run,
+	// silently dropping CR0.PG: read the registers back.
+	back, err := gokvm.GetSregs(uintptr(v.fd))
+	if err != nil {
+		return nil, fmt.Errorf("kvm: KVM_GET_SREGS: %w", err)
+	}
+	if err := checkSregs(l.mode, sr, back); err != nil {
+		return nil, err
 	}
 	area := cpuArea(i)
 	regs := &gokvm.Regs{RIP: l.kva(codePhys), RSP: l.kva(area + cpuSize), RBP: l.kva(area), RFLAGS: 2}
 	if err := gokvm.SetRegs(uintptr(v.fd), regs); err != nil {
-		return v, fmt.Errorf("kvm: KVM_SET_REGS: %w", err)
+		return nil, fmt.Errorf("kvm: KVM_SET_REGS: %w", err)
+	}
+	if vm.cfg.failVCPU != nil {
+		if err := vm.cfg.failVCPU(i); err != nil {
+			return nil, err
+		}
 	}
 	return v, nil
 }
@@ -440,13 +491,12 @@ func (v *vcpu) failure(what string) error {
 	if err != nil {
 		return fmt.Errorf("kvm: VM %d vCPU %d: %s", v.vm.cfg.ID, v.index, what)
 	}
-	sr, _ := gokvm.GetSregs(uintptr(v.fd))
-	var cr3 uint64
-	if sr != nil {
-		cr3 = sr.CR3
+	cr := "control registers unreadable"
+	if sr, err := gokvm.GetSregs(uintptr(v.fd)); err == nil {
+		cr = fmt.Sprintf("cr0=%#x cr3=%#x cr4=%#x efer=%#x", sr.CR0, sr.CR3, sr.CR4, sr.EFER)
 	}
-	return fmt.Errorf("kvm: VM %d vCPU %d: %s: rip=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x cr3=%#x",
-		v.vm.cfg.ID, v.index, what, regs.RIP, regs.RAX, regs.RBX, regs.RCX, regs.RDX, regs.RSI, regs.RDI, cr3)
+	return fmt.Errorf("kvm: VM %d vCPU %d: %s: rip=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x %s",
+		v.vm.cfg.ID, v.index, what, regs.RIP, regs.RAX, regs.RBX, regs.RCX, regs.RDX, regs.RSI, regs.RDI, cr)
 }
 
 // mmio handles an MMIO exit: a read of a page whose slot is momentarily
@@ -471,6 +521,12 @@ func (v *vcpu) mmio(now int64) error {
 	}
 	esz := uint64(vm.l.esz)
 	vm.writeMu.Lock()
+	if vm.cfg.timing {
+		if v.lastTrap != 0 {
+			vm.trapNs = append(vm.trapNs, now-v.lastTrap)
+		}
+		v.lastTrap = now
+	}
 	old := vm.load(gpa&^(esz-1), int(esz))
 	if vm.cfg.corrupt != nil {
 		data = vm.cfg.corrupt(gpa, data)
@@ -479,7 +535,13 @@ func (v *vcpu) mmio(now int64) error {
 	vm.st.traps.Add(1)
 	if vm.dirty == nil && !vm.cfg.Null {
 		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now}
-		vm.submit(v.ev[:])
+		if vm.cfg.timing {
+			t := shard.Now()
+			vm.submit(v.ev[:])
+			vm.submitNs = append(vm.submitNs, shard.Now()-t)
+		} else {
+			vm.submit(v.ev[:])
+		}
 	}
 	vm.writeMu.Unlock()
 	if vm.zap {
@@ -609,7 +671,7 @@ func (vm *VM) Roots() []*vasmon.Root {
 // Stats returns the VM's counters.
 func (vm *VM) Stats() VMStats {
 	s := &vm.st
-	return VMStats{ID: vm.cfg.ID, Traps: s.traps.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
+	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
 		Reads: s.reads.Load(), IOExits: s.io.Load(), IntrExits: s.intr.Load(),
 		RootsStarted: s.started.Load(), RootsStopped: s.stopped.Load(), Checks: s.checks.Load(), Ops: s.ops.Load(),
 		Zaps: s.zaps.Load(), Flips: s.flips.Load(), FlipTime: time.Duration(s.flipNs.Load()), FlipMax: time.Duration(s.flipMax.Load()),
@@ -636,13 +698,7 @@ func (vm *VM) release() {
 	}
 	vm.closed = true
 	for _, v := range vm.vcpus {
-		if v.ring != nil {
-			_ = unix.Munmap(v.ring)
-		}
-		if v.run != nil {
-			_ = unix.Munmap(v.run)
-		}
-		_ = unix.Close(v.fd)
+		v.release()
 	}
 	if vm.vmFd >= 0 {
 		_ = unix.Close(vm.vmFd)
@@ -652,6 +708,22 @@ func (vm *VM) release() {
 	}
 	if vm.ram != nil {
 		_ = unix.Munmap(vm.ram)
+	}
+}
+
+// release unmaps the vCPU's ring and run area and closes its fd.
+func (v *vcpu) release() {
+	if v.ring != nil {
+		_ = unix.Munmap(v.ring)
+		v.ring = nil
+	}
+	if v.run != nil {
+		_ = unix.Munmap(v.run)
+		v.run = nil
+	}
+	if v.fd >= 0 {
+		_ = unix.Close(v.fd)
+		v.fd = -1
 	}
 }
 

@@ -155,7 +155,11 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	if err != nil {
 		return err
 	}
-	return runEngine(cfg, &f.engineFlags, f.duration, f.out, b, stdout, stderr)
+	err = runEngine(cfg, &f.engineFlags, f.duration, f.out, b, stdout, stderr)
+	if f.backend == "kvm" {
+		f.kvm.printSummary(stdout)
+	}
+	return err
 }
 
 // backendRun runs a backend against host until ctx ends.
