@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -364,7 +365,9 @@ func TestStartStopUnderTraffic(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Millisecond)
+		// Let some traffic reach the new root's shards.
+		before := e.Stats().Processed
+		waitFor(t, "events processed", func() bool { return e.Stats().Processed >= before+64 })
 		if err := e.Stop(ctx, root); err != nil {
 			t.Fatal(err)
 		}
@@ -420,7 +423,8 @@ func TestCloseUnderLoad(t *testing.T) {
 	}
 	// A slow callback keeps the queues full.
 	var once sync.Once
-	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { <-block }) }
+	entered := make(chan struct{})
+	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { close(entered); <-block }) }
 	if _, err := e.Start(context.Background(), 1, w.Tables[0], vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -445,8 +449,17 @@ func TestCloseUnderLoad(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(20 * time.Millisecond)
-	go func() { time.Sleep(10 * time.Millisecond); close(block) }()
+	<-entered
+	// Unblock the callback once Close has begun (Submit says so).
+	go func() {
+		for {
+			if _, err := e.Submit(1, nil); errors.Is(err, engine.ErrClosed) {
+				close(block)
+				return
+			}
+			runtime.Gosched()
+		}
+	}()
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -468,23 +481,22 @@ func TestOverload(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	g := vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
-	if err := e.AddVM(1, g.Mem, vasmontest.NewProtections(), 0); err != nil {
+	g, root, l1 := chainGuest()
+	if err := e.AddVM(1, g.Memory(), g.NewProtections(), 0); err != nil {
 		t.Fatal(err)
 	}
-	block := make(chan struct{})
+	block, entered := make(chan struct{}), make(chan struct{})
 	var once sync.Once
-	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { <-block }) }
-	root := g.AllocTable()
+	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { close(entered); <-block }) }
 	if _, err := e.Start(context.Background(), 1, root, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// The first event reaches the callback and blocks the worker.
-	first := toEvents([]vasmon.Write{g.SetEntry(root, 0, 0x200000|vasmon.BitP|vasmon.BitPS)})
+	first := toEvents([]vasmon.Write{g.SetEntry(l1, 0, 0x200000|vasmon.BitP)})
 	if _, err := e.Submit(1, first); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond)
+	<-entered
 	batch := make([]shard.Event, 100)
 	for i := range batch {
 		batch[i] = first[0]
@@ -582,7 +594,9 @@ func TestSerializeCallbacks(t *testing.T) {
 		}
 		calls++
 		mu.Unlock()
-		time.Sleep(20 * time.Microsecond)
+		for range 8 { // widen the window in which another callback could enter
+			runtime.Gosched()
+		}
 		mu.Lock()
 		inside--
 		mu.Unlock()
@@ -705,6 +719,7 @@ func TestStartStopAcrossClose(t *testing.T) {
 		}
 		done := make(chan error, 4)
 		var last atomic.Pointer[vasmon.Root]
+		var cycles atomic.Int64
 		for p := 0; p < 4; p++ {
 			go func() {
 				for k := 0; ; k++ {
@@ -712,6 +727,7 @@ func TestStartStopAcrossClose(t *testing.T) {
 					if err == nil {
 						last.Store(r)
 						err = e.Stop(context.Background(), r)
+						cycles.Add(1)
 					}
 					switch {
 					case errors.Is(err, engine.ErrClosed):
@@ -724,7 +740,9 @@ func TestStartStopAcrossClose(t *testing.T) {
 				}
 			}()
 		}
-		time.Sleep(time.Duration(iter%7) * time.Millisecond)
+		// Close after a varying number of Start/Stop cycles.
+		n := int64(iter % 7)
+		waitFor(t, "Start/Stop cycles", func() bool { return cycles.Load() >= n })
 		if err := e.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -953,6 +971,19 @@ func TestAliasBomb(t *testing.T) {
 
 // chainGuest returns a 4-level guest whose root links one table per level
 // through entry 0, and its level-1 table (empty).
+// waitFor waits until cond holds, yielding meanwhile, and fails the test
+// if it does not within a minute (a hang).
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited a minute for %s", what)
+		}
+		runtime.Gosched()
+	}
+}
+
 func chainGuest() (g *vasmontest.Guest, cr3, l1 uint64) {
 	g = vasmontest.NewGuest(vasmon.Mode4, 16<<20, 1<<20)
 	cr3 = g.AllocTable()

@@ -26,9 +26,9 @@ func configOf(seed uint64) Config {
 
 // TestExplore runs many schedules; a failure names its seed.
 func TestExplore(t *testing.T) {
-	n := 2000
+	n := 10000 // CI: at least 10^4 schedules
 	if testing.Short() {
-		n = 500
+		n = 1000
 	}
 	if *seeds > 0 {
 		n = *seeds
