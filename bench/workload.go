@@ -6,8 +6,10 @@
 // first time flipping a bit and the second time flipping it back, so the
 // stream can be replayed forever and stays consistent with the shadows. Half
 // the flips are of RW (relevant: a callback), half of A (irrelevant), in a
-// random order. Workloads are built once and are read-only afterwards, so
-// any number of producers may replay them concurrently.
+// random order. A replay makes each store in guest memory, stamped on the
+// page's version word, before it submits it, as a backend does (one producer
+// per VM, so each guest's stores stay in order). Workloads are built once;
+// the events are read-only afterwards.
 package bench
 
 import (
@@ -86,7 +88,7 @@ func Nop(any, uint64, uint64, uint64, uint64) {}
 // Start registers the workload's VMs with e and starts their roots with cb.
 func (w *Workload) Start(e *engine.Engine, cb vasmon.Callback) error {
 	for i, g := range w.Guests {
-		if err := e.AddVM(vasmon.VMID(i+1), g.Mem, vasmontest.NewProtections(), 0); err != nil {
+		if err := e.AddVM(vasmon.VMID(i+1), g.Memory(), g.NewProtections(), 0); err != nil {
 			return err
 		}
 		if _, err := e.Start(context.Background(), vasmon.VMID(i+1), w.Roots[i], vasmon.Mode4, Monitored, cb, nil, engine.RootOptions{}); err != nil {
@@ -110,10 +112,12 @@ func (w *Workload) Drive(submit Submitter, n, batch int) int {
 		go func() {
 			defer wg.Done()
 			evs := w.Events[v]
+			buf := make([]shard.Event, batch)
 			left, at := per, 0
 			for left > 0 {
 				k := min(batch, left, len(evs)-at)
-				submit(vasmon.VMID(v+1), evs[at:at+k])
+				w.Store(v, buf[:k], evs[at:at+k])
+				submit(vasmon.VMID(v+1), buf[:k])
 				left -= k
 				at = (at + k) % len(evs)
 			}
@@ -121,6 +125,19 @@ func (w *Workload) Drive(submit Submitter, n, batch int) int {
 	}
 	wg.Wait()
 	return per * len(w.Events)
+}
+
+// Store makes the stores of evs in guest v's memory, stamped on their
+// pages' version words, and copies the stamped events into dst.
+func (w *Workload) Store(v int, dst, evs []shard.Event) {
+	g := w.Guests[v]
+	for i := range evs {
+		ev := evs[i]
+		ev.Ver = g.Ver.BeginWrite(ev.GPA)
+		_, _ = g.Mem.WriteUint(ev.GPA, int(ev.Size), ev.Data)
+		g.Ver.EndWrite(ev.GPA)
+		dst[i] = ev
+	}
 }
 
 // Pacing is what Paced did: events sent, and how late its batches were
@@ -166,7 +183,7 @@ func (w *Workload) Paced(submit Submitter, rate float64, d time.Duration, batch 
 		v := k % len(w.Events)
 		evs := w.Events[v]
 		for i := range buf {
-			buf[i] = evs[at[v]]
+			w.Store(v, buf[i:i+1], evs[at[v]:at[v]+1])
 			buf[i].Trap = 0
 			at[v] = (at[v] + 1) % len(evs)
 		}

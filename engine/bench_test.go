@@ -95,10 +95,13 @@ func TestEngineSteadyStateAllocs(t *testing.T) {
 		t.Fatal(err)
 	}
 	var done uint64
+	buf := make([]shard.Event, 256)
 	run := func() {
 		for v, evs := range w.Events {
 			for at := 0; at < len(evs); at += 256 {
-				if _, err := e.Submit(vasmon.VMID(v+1), evs[at:min(at+256, len(evs))]); err != nil {
+				b := buf[:min(256, len(evs)-at)]
+				w.Store(v, b, evs[at:at+len(b)])
+				if _, err := e.Submit(vasmon.VMID(v+1), b); err != nil {
 					t.Fatal(err)
 				}
 				done += uint64(min(256, len(evs)-at))

@@ -174,6 +174,8 @@ type Engine struct {
 	tickets []*shard.Ticket // by handle; 0 unused
 	tfree   []uint16
 
+	stall    shard.Histogram   // synchronous writes: trap to return (Syncer.Submit)
+	verdicts [2]atomic.Uint64  // synchronous writes by verdict
 	submitted, accepted, rejected atomic.Uint64
 	active                        atomic.Int64
 	closed                        atomic.Bool

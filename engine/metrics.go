@@ -58,13 +58,17 @@ var (
 	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later read of their page already held them (version stamps).")
 	dStaleReads = desc("stale_reads_total", "Tables guest memory no longer linked at their place when read: hooks dropped and tables unhooked early, nothing reported from them (no phantoms).")
 	dResyncs    = desc("page_resyncs_total", "Pages read again because a written value could no longer be proven in guest memory.")
+	dStall      = desc("sync_stall_seconds", "Stall of synchronous writes (Syncer.Submit): from the trap to the release of the writer.")
+	dVerdicts   = desc("sync_verdicts_total", "Synchronous writes by the verdict of their callbacks (allow, deny).", "verdict")
+	dSpin       = desc("worker_spin_seconds_total", "Time shard workers spent polling their idle queues.")
+	dShardCPU   = desc("shard_cpu", "The host CPU a shard's worker is pinned to; -1: unpinned.", "shard")
 	dSteals     = desc("shard_steals_total", "Shard steps run by another thread than the shard's worker (an idle peer or a synchronous submitter).")
 	dHooks      = desc("table_hooks_total", "Page tables hooked (hook steps that hooked a table).")
 	dUnhooks    = desc("table_unhooks_total", "Page tables unhooked.")
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals, dStall, dVerdicts, dSpin, dShardCPU}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -146,6 +150,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	m(dStaleReads, counterType, float64(st.StaleReads))
 	m(dResyncs, counterType, float64(st.Resyncs))
 	m(dSteals, counterType, float64(st.Steals))
+	st.SyncStall.Cumulative(c.bounds, cum)
+	for i, b := range LatencyBuckets {
+		buckets[b] = cum[i]
+	}
+	ch <- prometheus.MustNewConstHistogram(dStall, st.SyncStall.Count(), float64(st.SyncStall.Sum())/1e9, buckets)
+	m(dVerdicts, counterType, float64(st.Allowed), "allow")
+	m(dVerdicts, counterType, float64(st.Denied), "deny")
+	m(dSpin, counterType, st.Spin.Seconds())
+	for _, s := range e.shards {
+		m(dShardCPU, gaugeType, float64(s.CPU()), strconv.Itoa(s.ID()))
+	}
 	m(dHooks, counterType, float64(st.Hooks))
 	m(dUnhooks, counterType, float64(st.Unhooks))
 	m(dRoots, gaugeType, float64(st.Roots))

@@ -23,14 +23,19 @@ type Stats struct {
 	StaleReads uint64
 	Resyncs    uint64 // pages read again (a value that could not be proven)
 	Expired    uint64 // partial writes ended after the pending timeout
-	Steals     uint64 // shard steps run by another thread than the shard's worker
+	Steals     uint64        // shard steps run by another thread than the shard's worker
+	Spin       time.Duration // time workers spent polling idle queues
 	QueueLen   int
 	Tables     int64
 	HostBytes  int64
 	Refused    int64 // table hooks refused by budgets (current VMs)
 	Roots, VMs int
 	Latency    shard.HistSnapshot
-	PerVM      []VMStats
+	// SyncStall is the stall of synchronous writes (Syncer.Submit), from
+	// trap to return; Allowed and Denied count them by verdict.
+	SyncStall       shard.HistSnapshot
+	Allowed, Denied uint64
+	PerVM           []VMStats
 }
 
 // VMStats are one VM's counters.
@@ -127,12 +132,15 @@ func (e *Engine) Stats() Stats {
 		st.Resyncs += c.Resyncs.Load()
 		st.Expired += c.Expired.Load()
 		st.Steals += c.Steals.Load()
+		st.Spin += time.Duration(c.SpinNs.Load())
 		st.QueueLen += s.QueueLen()
 		st.Tables += s.Tables()
 		st.HostBytes += s.HostBytes()
 		s.Hist.Snapshot(&h)
 		st.Latency.Merge(&h)
 	}
+	e.stall.Snapshot(&st.SyncStall)
+	st.Allowed, st.Denied = e.verdicts[shard.Allow].Load(), e.verdicts[shard.Deny].Load()
 	e.roots.Range(func(rootKey, *vasmon.Root) bool { st.Roots++; return true })
 	e.slotMu.Lock()
 	owners := make([]*vmEntry, 0, len(e.owner))

@@ -76,21 +76,33 @@ func (s *Syncer) SubmitOne(ev shard.Event) (shard.Verdict, error) {
 // entries' old bytes in guest memory and submits that restoring write
 // (synchronously), so the engine's state and callback stream end as if the
 // write had been made and reverted. Errors are those of Engine.Submit, and
-// ErrReentrant from a callback.
+// ErrReentrant from a callback. The stall, from the earliest trap of evs
+// (their Trap, or the call if none has one) to the return, is recorded
+// (Stats.SyncStall).
 func (s *Syncer) Submit(evs []shard.Event) (shard.Verdict, error) {
 	e := s.e
 	if e.reentrant() {
 		return shard.Allow, ErrReentrant
 	}
+	now := shard.Now()
+	trap := now
+	for i := range evs {
+		if t := evs[i].Trap; t != 0 && t < trap {
+			trap = t
+		}
+	}
 	s.t.Begin(0)
 	_, err := e.submit(s.vm, evs, s.h, s.t)
 	s.drive()
+	e.stall.Record(shard.Now() - trap)
 	if err != nil {
 		return shard.Allow, err
 	}
 	if s.t.Denied() {
+		e.verdicts[shard.Deny].Add(1)
 		return shard.Deny, nil
 	}
+	e.verdicts[shard.Allow].Add(1)
 	return shard.Allow, nil
 }
 

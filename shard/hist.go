@@ -48,9 +48,10 @@ func bucketHigh(i int) uint64 {
 // are reported with a relative error of at most 1/16. Values of any size
 // are accepted; negative values are recorded as 0.
 //
-// Record must be called by one goroutine at a time (the owning shard
-// worker). The other methods may be called concurrently with Record and with
-// each other from any goroutine. Each counter is read atomically, but while
+// Record may be called by any number of goroutines at once (the
+// synchronous submitters' stall histogram); a shard records through a
+// LocalHist and publishes. The other methods may be called concurrently
+// with Record and with each other from any goroutine. Each counter is read atomically, but while
 // Record runs, counters read one after another (Count and Sum, or a
 // snapshot's buckets and Sum) may disagree by the values being recorded.
 // Histogram does not allocate.
@@ -68,8 +69,7 @@ type Histogram struct {
 func (h *Histogram) Record(ns int64) {
 	ns = max(ns, 0)
 	// Max first, so a reader that sees the bucket count also sees the max.
-	if ns > h.max.Load() {
-		h.max.Store(ns)
+	for m := h.max.Load(); ns > m && !h.max.CompareAndSwap(m, ns); m = h.max.Load() {
 	}
 	h.counts[bucketOf(uint64(ns))].Add(1)
 	h.sum.Add(ns)

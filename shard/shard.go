@@ -67,6 +67,7 @@ type Counters struct {
 	Batches     atomic.Uint64
 	BatchSum    atomic.Uint64
 	Steals      atomic.Uint64 // steps run by another thread than the shard's worker
+	SpinNs      atomic.Int64  // time the worker spent polling its idle queue, ns
 }
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
@@ -171,6 +172,8 @@ type Shard struct {
 	done     chan struct{}
 	started  bool
 	tid      atomic.Int64 // OS thread holding the token, 0 if none (re-entrancy checks)
+	beat     atomic.Int64 // Now() when the worker last ran (its peers take over a shard whose worker stalls)
+	pinned   atomic.Int32 // the CPU the worker is pinned to, -1 if none
 
 	// Owned state.
 	store     *vasmon.Store
@@ -216,11 +219,15 @@ func New(cfg Config, sink Sink) *Shard {
 		loc: local{group: 1, vm: make([]vmLocal, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
 			isDirty: make([]bool, cfg.MaxSlots)}}
 	s.spaceCond.L = &s.spaceMu
+	s.pinned.Store(-1)
 	return s
 }
 
 // ID returns the shard's index.
 func (s *Shard) ID() int { return s.cfg.ID }
+
+// CPU returns the host CPU the shard's worker is pinned to, or -1.
+func (s *Shard) CPU() int { return int(s.pinned.Load()) }
 
 // QueueLen returns the number of queued events (approximate).
 func (s *Shard) QueueLen() int { return s.q.Len() }

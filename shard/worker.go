@@ -9,7 +9,7 @@ import (
 )
 
 // Peers is implemented by a Sink whose shards help each other: an idle
-// worker runs the steps of a shard whose own worker is not running.
+// worker runs the steps of a shard whose own worker is parked or stalled.
 type Peers interface {
 	Shards() []*Shard
 }
@@ -39,41 +39,63 @@ func (s *Shard) Stop() {
 // Stopped reports whether the worker was asked to stop.
 func (s *Shard) Stopped() bool { return s.quit.Load() }
 
+const (
+	// stallAfter is how long a shard with work waiting may go without its
+	// worker running before an idle peer takes a step of it (the worker
+	// is runnable but descheduled: a busy thread shares its CPU).
+	stallAfter = 200 * time.Microsecond
+	// preempted is the gap between two clock reads of a polling worker
+	// from which it concludes it was descheduled: its CPU is contended,
+	// and polling takes time from the threads it competes with (vCPUs).
+	preempted = 50 * time.Microsecond
+	// quietFor is how long a worker that was descheduled while polling
+	// parks at once instead of polling.
+	quietFor = 20 * time.Millisecond
+)
+
 // run is the worker: it takes the ownership token and runs steps while
 // there is work, gives the token back, helps its peers, polls a while and
 // parks. While another thread holds the token it parks too: the holder
 // wakes it when it gives the token back with work left.
+//
+// Polling adapts: a worker that finds itself descheduled while it polls
+// (two clock reads more than 50 us apart: its CPU is shared with busy
+// threads) stops polling for 20 ms, so that on a host it shares with its
+// guests it does not take their CPU time for nothing. Time spent polling is
+// counted (C.SpinNs).
 func (s *Shard) run(ready chan struct{}) {
 	defer close(s.done)
 	runtime.LockOSThread()
 	if s.cfg.CPU >= 0 {
 		if err := Pin(s.cfg.CPU); err != nil {
 			s.PinErr = fmt.Errorf("shard %d runs unpinned: %w", s.cfg.ID, err)
+		} else {
+			s.pinned.Store(int32(s.cfg.CPU))
 		}
 	}
 	tid := int64(unix.Gettid())
 	close(ready)
-	var idleSince int64
+	var idleSince, quietUntil int64
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	for {
+		s.beat.Store(Now())
 		if s.TryAcquire() {
 			s.SetOwnerThread(tid)
 			worked := false
 			for s.Step(0) {
 				worked = true
+				s.beat.Store(Now())
 				if s.pending.Load() == 0 && s.q.Len() == 0 && len(s.held) == 0 {
 					break
 				}
 			}
 			idle := !s.Busy()
-			if s.quit.Load() && idle {
-				s.SetOwnerThread(0)
-				s.owner.Store(0)
-				return
-			}
 			s.SetOwnerThread(0)
 			s.owner.Store(0)
+			if s.quit.Load() && idle {
+				return
+			}
 			if worked {
 				idleSince = 0
 				continue
@@ -83,14 +105,19 @@ func (s *Shard) run(ready chan struct{}) {
 			idleSince = 0
 			continue
 		}
-		// Poll a while before parking: waking a parked, thread-locked
-		// worker costs tens of microseconds, more than the latency budget.
 		now := Now()
 		if idleSince == 0 {
 			idleSince = now
 		}
-		if now-idleSince < int64(s.cfg.Spin) && !s.Held() {
+		if now-idleSince < int64(s.cfg.Spin) && now >= quietUntil && !s.Held() {
+			// Poll a while before parking: waking a parked,
+			// thread-locked worker costs tens of microseconds.
 			for i := 0; i < 256 && !s.HasWork(); i++ {
+			}
+			after := Now()
+			s.C.SpinNs.Add(after - now)
+			if after-now > int64(preempted) {
+				quietUntil = after + int64(quietFor)
 			}
 			continue
 		}
@@ -98,8 +125,9 @@ func (s *Shard) run(ready chan struct{}) {
 		if (!s.HasWork() || s.Held()) && !(s.quit.Load() && !s.Held()) {
 			// Held hooks wait for other shards' unhooks; work left
 			// unsure waits for guest memory to settle; partial writes
-			// for later events: look again now and then.
-			d := 10 * time.Millisecond
+			// for later events; peers may stall: look again now and
+			// then.
+			d := 2 * time.Millisecond
 			if s.C.Held.Load() > 0 || s.C.Retrying.Load() > 0 || s.C.Dirty.Load() > 0 {
 				d = 50 * time.Microsecond
 			}
@@ -111,18 +139,21 @@ func (s *Shard) run(ready chan struct{}) {
 			timer.Stop()
 		}
 		s.sleeping.Store(false)
+		idleSince = 0
 	}
 }
 
 // help runs a bounded step of a peer shard that has work waiting while its
-// own worker is parked, and reports whether it did.
+// own worker is parked or has not run for stallAfter, and reports whether
+// it did.
 func (s *Shard) help(tid int64) bool {
 	p, ok := s.sink.(Peers)
 	if !ok {
 		return false
 	}
+	now := Now()
 	for _, o := range p.Shards() {
-		if o == s || !o.sleeping.Load() || !o.HasWork() || !o.TryAcquire() {
+		if o == s || !o.HasWork() || !o.sleeping.Load() && now-o.beat.Load() < int64(stallAfter) || !o.TryAcquire() {
 			continue
 		}
 		o.SetOwnerThread(tid)

@@ -102,25 +102,24 @@ func (s *Store) emitUnhook(n *node, i int, e uint64, out *Output) bool {
 // phantoms"), reports its present leaves if req.Report, and appends a hook
 // request for every table it links.
 func (s *Store) Hook(req *Request, out *Output) HookResult {
-	Dropped(req) // from here on it counts as a table, or as nothing...
 	res := s.hook(req, out)
 	if DebugTrace != nil {
 		DebugTrace("hook root %d L%d gpa=%#x va=%#x pgen=%d: %v", req.Root.ID, req.Level, req.GPA, req.VA, req.PGen, res)
-	}
-	if res == Unsure && int(req.Level) < req.Root.Mode.Levels() {
-		// ...unless it is to run again.
-		req.Root.admitted.Add(1)
-		req.Root.VM.admitted.Add(1)
 	}
 	return res
 }
 
 func (s *Store) hook(req *Request, out *Output) HookResult {
+	// The request was admitted against the budgets when it was emitted
+	// (emitHook): it becomes a table (counted before the admission is
+	// given back, so the sum the emitters check never dips), or nothing.
 	r := req.Root
 	if r.Stopped() {
+		Dropped(req)
 		return Ignored
 	}
 	if prev := s.findPlace(r, req.Level, req.VA); prev != 0 {
+		Dropped(req)
 		pn := s.nodes.at(prev)
 		if pn.pgen == req.PGen && s.pages.at(pn.page).pfn == req.GPA/PageSize && uint64(pn.off) == req.GPA%PageSize {
 			// The same link delivered twice: already done.
@@ -133,16 +132,28 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 	vm := r.VM
 	if r.tables.Add(1) > r.Opts.MaxTables {
 		r.tables.Add(-1)
+		Dropped(req)
 		r.refuse(req)
 		return Refused
 	}
 	if vm.tables.Add(1) > vm.MaxTables {
 		r.tables.Add(-1)
 		vm.tables.Add(-1)
+		Dropped(req)
 		r.refuse(req)
 		return Refused
 	}
-	undo := func() { r.tables.Add(-1); vm.tables.Add(-1) }
+	Dropped(req)
+	// undo gives the table back; a request to run again (Unsure) is
+	// admitted again first.
+	undo := func(again bool) {
+		if again && int(req.Level) < r.Mode.Levels() {
+			r.admitted.Add(1)
+			vm.admitted.Add(1)
+		}
+		r.tables.Add(-1)
+		vm.tables.Add(-1)
+	}
 	m := r.Mode
 	esz := uint8(m.EntryBytes())
 	pfn := req.GPA / PageSize
@@ -154,10 +165,10 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 		ph, w, res = s.newPage(vm, pfn, esz)
 		switch res {
 		case proofUnsure:
-			undo()
+			undo(true)
 			return Unsure
 		case proofStale:
-			undo()
+			undo(false)
 			r.stats.outOfRAM.Add(1)
 			return Failed
 		}
@@ -166,7 +177,7 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 		if p.esz != esz {
 			// A page cannot hold tables of different entry sizes in a sane
 			// guest; refuse rather than mix write states.
-			undo()
+			undo(false)
 			r.stats.reserved.Add(1)
 			return Failed
 		}
@@ -181,13 +192,13 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 				// Writes of the page are still queued: the new table
 				// starts from guest memory, and so do the others.
 				if !s.resync(ph, out) || s.findPage(vm.Key, pfn) != ph {
-					undo()
+					undo(true)
 					return Unsure
 				}
 				if p := s.pages.at(ph); p.vw != nil {
 					w = p.vw.Load()
 					if !p.isCurrent(w) {
-						undo()
+						undo(true)
 						return Unsure
 					}
 				}
@@ -206,7 +217,7 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 		res = s.chain(&n, nil, 0)
 	}
 	if res != proofOK {
-		undo()
+		undo(res == proofUnsure)
 		if fresh {
 			s.dropPage(vm, ph)
 		}
