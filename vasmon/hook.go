@@ -52,13 +52,18 @@ func (s *Store) emitHook(n *node, i int, e uint64, report bool, out *Output) {
 	// may not pass a budget, so the requests in flight stay in proportion
 	// to the budgets, not to what the guest claims (an alias bomb makes
 	// every hooked table link 512 more).
+	// Reserve, then check: a hook turns its admission into a table
+	// (tables first, then admitted), so tables read after the reservation
+	// never misses one that left admitted; concurrent emitters (shards)
+	// cannot both take the last place.
 	vm := r.VM
-	if r.tables.Load()+r.admitted.Load() >= r.Opts.MaxTables || vm.tables.Load()+vm.admitted.Load() >= vm.MaxTables {
+	ra, va := r.admitted.Add(1), vm.admitted.Add(1)
+	if r.tables.Load()+ra > r.Opts.MaxTables || vm.tables.Load()+va > vm.MaxTables {
+		r.admitted.Add(-1)
+		vm.admitted.Add(-1)
 		r.refuseN(1, &req)
 		return
 	}
-	r.admitted.Add(1)
-	vm.admitted.Add(1)
 	s.links.at(n.links).bits[i/64] |= 1 << (i % 64)
 	out.Reqs = append(out.Reqs, req)
 }
