@@ -63,6 +63,7 @@ type world struct {
 	stats   Stats
 	ctl     *actor
 	cancels []cancel
+	closed  bool // the engine was closed early
 }
 
 // vmState is one guest and its ground truth.
@@ -374,6 +375,10 @@ func (w *world) control() {
 	}
 	if w.cfg.Churn {
 		for k := 0; k < 6 && !w.writersDone(); k++ {
+			if w.pick(12) == 0 {
+				w.closeEarly()
+				return
+			}
 			w.churn()
 			for j := w.pick(40); j > 0; j-- {
 				w.s.yield()
@@ -410,6 +415,26 @@ func (w *world) control() {
 	w.stats.Engine = st
 	if st.Submitted != st.Processed+st.Rejected {
 		w.failf("accounting after Close: submitted %d != processed %d + rejected %d", st.Submitted, st.Processed, st.Rejected)
+	}
+}
+
+// closeEarly closes the engine while the writers run (some blocked in
+// synchronous submissions): nobody may hang, and every event submitted is
+// processed or rejected.
+func (w *world) closeEarly() {
+	w.closed = true
+	w.s.note("Close while writers run")
+	if err := w.e.Close(); err != nil {
+		w.failf("Close: %v", err)
+		return
+	}
+	for !w.writersDone() {
+		w.s.yield()
+	}
+	st := w.e.Stats()
+	w.stats.Engine = st
+	if st.Submitted != st.Processed+st.Rejected {
+		w.failf("accounting after an early Close: submitted %d != processed %d + rejected %d", st.Submitted, st.Processed, st.Rejected)
 	}
 }
 

@@ -267,7 +267,9 @@ func (v *vmState) submitSync(ev shard.Event, gpa uint64, size int, wr vasmon.Wri
 	if v.syncer == nil {
 		s, err := w.e.NewSyncer(v.id)
 		if err != nil {
-			w.s.fail(err)
+			if !(w.closed && errors.Is(err, engine.ErrClosed)) {
+				w.s.fail(err)
+			}
 			return
 		}
 		v.syncer = s
@@ -293,7 +295,7 @@ func (v *vmState) submitSync(ev shard.Event, gpa uint64, size int, wr vasmon.Wri
 	v.clock++
 	rev := shard.Event{GPA: back.GPA, Data: back.Data, Old: back.Old, RIP: back.RIP, Size: back.Size, HasOld: true,
 		Ver: back.Ver, Trap: v.clock + 1}
-	if _, err := v.syncer.SubmitOne(rev); err != nil && !errors.Is(err, vasmon.ErrUnknownVM) {
+	if _, err := v.syncer.SubmitOne(rev); err != nil && !errors.Is(err, vasmon.ErrUnknownVM) && !errors.Is(err, engine.ErrClosed) {
 		w.s.fail(err)
 	}
 }
@@ -306,7 +308,7 @@ func (v *vmState) flush() {
 	w := v.w
 	n, err := w.e.Submit(v.id, v.buf)
 	w.s.note("VM %d submit %d events: %d %v", v.id, len(v.buf), n, err)
-	if err != nil && !errors.Is(err, vasmon.ErrUnknownVM) {
+	if err != nil && !errors.Is(err, vasmon.ErrUnknownVM) && !(w.closed && errors.Is(err, engine.ErrClosed)) {
 		w.s.fail(err)
 	}
 	v.buf = v.buf[:0]
