@@ -82,6 +82,49 @@ func NewWorkload(vms, leafTables int, seed uint64) *Workload {
 	return w
 }
 
+// NewHookWorkload builds vms guests whose events link and unlink tables:
+// links entries of one page directory per VM each link a page table of
+// their own, prefilled with 8 mappings, then unlink it (every link in a
+// random order, then every unlink), so every event hooks or unhooks a table
+// and reports 8 callbacks. The stream can be replayed forever.
+func NewHookWorkload(vms, links int, seed uint64) *Workload {
+	w := &Workload{}
+	rng := rand.New(rand.NewPCG(seed, 2))
+	m := vasmon.Mode4
+	fl := vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+	for v := 0; v < vms; v++ {
+		g := vasmontest.NewGuest(m, 1<<30, 1<<20)
+		root := g.AllocTable()
+		l3, l2 := g.AllocTable(), g.AllocTable()
+		g.SetEntry(root, 0, l3|fl)
+		g.SetEntry(l3, 0, l2|fl)
+		var gpas, vals []uint64
+		for i := 0; i < links; i++ {
+			l1 := g.AllocTable()
+			for k := 0; k < 8; k++ {
+				g.SetEntry(l1, 64*k, uint64(0x40000000+uint64(i*8+k)<<12)|fl)
+			}
+			gpas = append(gpas, l2+uint64(8*i))
+			vals = append(vals, l1|fl)
+		}
+		w.Tables += 3
+		evs := make([]shard.Event, 0, 2*links)
+		for pass := 0; pass < 2; pass++ {
+			for _, i := range rng.Perm(links) {
+				old, nw := uint64(0), vals[i]
+				if pass == 1 {
+					old, nw = nw, 0
+				}
+				evs = append(evs, shard.Event{GPA: gpas[i], Data: nw, Old: old, HasOld: true, Size: 8})
+			}
+		}
+		w.Guests = append(w.Guests, g)
+		w.Roots = append(w.Roots, root)
+		w.Events = append(w.Events, evs)
+	}
+	return w
+}
+
 // Nop is a callback that does nothing.
 func Nop(any, uint64, uint64, uint64, uint64) {}
 
