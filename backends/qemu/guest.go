@@ -30,6 +30,14 @@ const drainBatch = 512
 // drainPoll is how long the drainer sleeps when the ring is empty.
 const drainPoll = 50 * time.Microsecond
 
+// unversioned makes guests give the engine their RAM without the plugin's
+// version words (the plugin still keeps them), as before the engine could
+// prove its reads: only for showing what the proofs prevent (phantom
+// callbacks); tests set it through export_test.go.
+var unversioned bool
+
+var DebugRecord func(gpa, val uint64, ver, size uint32, sgpa uint64)
+
 // Guest is one running QEMU guest monitored on an engine.Host.
 type Guest struct {
 	ID   vasmon.VMID
@@ -39,7 +47,9 @@ type Guest struct {
 
 	dir      string
 	ram      *ram
-	ctl      *control // nil with NoPlugin
+	mem      vasmon.Memory // what the engine reads: ram with the plugin's version words
+	phantoms phantoms      // callbacks no Linux guest could have caused
+	ctl      *control      // nil with NoPlugin
 	qmp      *qmp
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -60,7 +70,6 @@ type Guest struct {
 	drainDone, lifeDone chan struct{}
 	ops                 chan op
 	roots               *xsync.MapOf[uint64, *rootState] // by root page GPA
-	rootBits            []atomic.Uint64                  // root table pages, for the drainer
 	ls                  lifeStats                        // lifecycle counters
 	closeOnce           sync.Once
 	closeErr            error
@@ -82,7 +91,14 @@ type GuestStats struct {
 	// entries makes one record per entry. NarrowStores are those of fewer
 	// than 8 bytes (bit operations on an entry).
 	TableStores, NarrowStores uint64
-	Roots                     RootStats
+	// Phantoms are the callbacks reporting a present entry that maps or
+	// links a frame outside guest RAM, or sets bits reserved at its level
+	// (see CheckEntry): Linux writes no such entry, so each is a callback
+	// that was never true in the guest (SEMANTICS.md section 6, "No
+	// phantoms"). It must stay 0.
+	// Present counts the callbacks with a present new entry: those checked.
+	Phantoms, Present uint64
+	Roots             RootStats
 	// Boot is the time from starting QEMU to the workload's start; Workload
 	// from its start to its end (0 if it did not finish).
 	Boot, Workload, Wall time.Duration
@@ -131,14 +147,19 @@ func StartGuest(ctx context.Context, host engine.Host, id vasmon.VMID, cfg Confi
 	if g.ram, err = newRAM(filepath.Join(dir, "ram"), size); err != nil {
 		return nil, err
 	}
-	g.rootBits = make([]atomic.Uint64, (size/vasmon.PageSize+63)/64)
+	g.mem = g.ram
 	if !cfg.NoPlugin {
 		if g.ctl, err = newControl(filepath.Join(dir, "ctl"), size, cfg.RingSlots); err != nil {
 			return nil, err
 		}
+		if !unversioned {
+			g.mem = versionedRAM{g.ram, g.ctl.vers}
+		}
 	}
 	if monitoring {
-		if err := host.AddVM(id, g.ram, protector{g.ctl}, 0); err != nil {
+		g.phantoms.ramBytes = size
+		g.req.Callback = g.phantoms.check(req.Callback)
+		if err := host.AddVM(id, g.mem, protector{g.ctl}, 0); err != nil {
 			return nil, err
 		}
 		g.added = true
@@ -213,7 +234,8 @@ func removeStale() {
 	}
 }
 
-// protector write-protects pages by setting their bits in the plugin's bitmap.
+// protector write-protects pages by setting their protected bits in the
+// plugin's version words.
 type protector struct{ c *control }
 
 func (p protector) Protect(gpa uint64) error   { return p.c.protect(gpa, true) }
@@ -297,8 +319,9 @@ func (g *Guest) QEMUCPU() time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
-// Memory returns the guest's RAM as the monitor reads it.
-func (g *Guest) Memory() vasmon.Memory { return g.ram }
+// Memory returns the guest's RAM as the monitor reads it (with the plugin's
+// version words: vasmon.Versioned).
+func (g *Guest) Memory() vasmon.Memory { return g.mem }
 
 // Counters returns the plugin's counters.
 func (g *Guest) Counters() Counters {
@@ -318,7 +341,7 @@ func (g *Guest) drain() {
 	for {
 		evs = evs[:0]
 		n := g.ctl.consume(drainBatch, func(r *record) {
-			if r.Kind == recPGD {
+			if r.Kind&recKind == recPGD {
 				g.newPGD(r.GPA)
 				return
 			}
@@ -329,7 +352,10 @@ func (g *Guest) drain() {
 				}
 			}
 			g.watchRoot(r)
-			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, RIP: r.RIP, Size: 8, Trap: r.TS - g.clockOff})
+			if DebugRecord != nil {
+				DebugRecord(r.GPA, r.Val, r.Ver, r.Size, r.StoreGPA)
+			}
+			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, Size: 8, Trap: r.TS - g.clockOff, Ver: r.Ver})
 		})
 		if n > 0 {
 			if !g.cfg.NullConsumer && len(evs) > 0 {
@@ -481,7 +507,7 @@ func (g *Guest) cleanup(unmap bool) {
 // Stats returns the guest's counters.
 func (g *Guest) Stats() GuestStats {
 	s := GuestStats{VM: g.ID, Plugin: g.Counters(), Submitted: g.submitted.Load(), Rejected: g.rejected.Load(),
-		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(),
+		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(), Phantoms: g.phantoms.n.Load(), Present: g.phantoms.present.Load(),
 		Roots: g.ls.snapshot(), Wall: time.Since(g.started)}
 	if g.closedAt != 0 {
 		s.Wall = g.closedAt

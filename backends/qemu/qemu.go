@@ -4,17 +4,18 @@
 //
 // # Contract
 //
-// Write protection is a bitmap of guest pages in a shared-memory control
-// file: the Protector sets and clears bits exactly where an EPT write hook
-// would be set and cleared. A QEMU plugin (plugin/ptstore.c, built into
-// build/qemu/ptstore.so) tests every guest store to RAM against the bitmap
-// and, for a store to a protected page, pushes one record per 8-byte entry
-// the store touched: the entry's address and its whole value read from guest
-// RAM after the store. The backend submits each record as a shard.Event of
-// Size 8 at the aligned entry address with that value as Data (no HasOld: the
-// engine's shadow gives the old value), stamped with the plugin's time of the
-// store (Trap, on shard.Now's clock) and the storing instruction's address
-// (RIP). Events of one VM are submitted in ring order, which for records of
+// Write protection is the protected bit of each guest page's version word
+// (guestmem.Versions) in a shared-memory control file: the Protector sets
+// and clears it exactly where an EPT write hook would be set and cleared. A
+// QEMU plugin (plugin/ptstore.c, built into build/qemu/ptstore.so) tests
+// every guest store to RAM against its page's word and, for a store to a
+// protected page, pushes one record per 8-byte entry the store touched: the
+// entry's address, its whole value read from guest RAM after the store, and
+// the store's stamp on the page's version word. The backend submits each
+// record as a shard.Event of Size 8 at the aligned entry address with that
+// value as Data (no HasOld: the engine's shadow gives the old value), the
+// stamp as Ver, the plugin's time of the store (Trap, on shard.Now's clock)
+// and the storing instruction's address (RIP). Events of one VM are submitted in ring order, which for records of
 // one entry is the order of their reads of guest RAM, so the last event of an
 // entry always carries its current value. The plugin never drops a record
 // unless the backend stops draining for 10 s (Counters.Drops, which must stay
@@ -25,15 +26,19 @@
 // where it is not). The legacy hole 0xA0000-0xFFFFF reads the file's bytes,
 // not the VGA/ROM the guest sees there; no page table lives there.
 //
-// Stale events. When the engine unhooks a page (Unprotect) while records
-// for it are still in the ring, then hooks it again, the hook reads guest
-// RAM, which is newer than those records. Each event therefore carries, as
-// shard.Event.Seen, the plugin's time stamp taken after it read the entry
-// (on shard.Now's clock, through a measured CLOCK_MONOTONIC offset): the
-// engine drops an event seen before the hook's read as already in it,
-// instead of moving the entry back in time (a missing or extra table,
-// a missed leaf). The Submit time would be too late for that: records
-// wait in the ring.
+// Versions. The guest's Memory is vasmon.Versioned: its version words are
+// the control file's, which the plugin and the Protector share. Memory
+// callbacks run after a store reached guest RAM, so the plugin counts each
+// entry record as a trapped write begun and ended at once after the store
+// (guestmem.Versions.Trap) and stamps the record with it; the Protector's
+// protect and unprotect count as changes. With them the engine proves every
+// read of guest RAM against the guest's concurrent stores: a record already
+// in a read of its page (the page was unhooked while its records waited in
+// the ring, then hooked again and read) is dropped as stale instead of
+// moving the entry back in time, and a newly linked table read after the
+// guest unlinked, freed and reused its page is not reported nor hooked
+// (SEMANTICS.md section 6, "No phantoms"). Every callback's new entry is
+// checked against what Linux can write (CheckEntry; GuestStats.Phantoms).
 //
 // Accessed/Dirty bits are set by QEMU's MMU without a store callback, so they
 // must not be monitored (backends.DefaultMonitored leaves them out). Stores
@@ -66,6 +71,13 @@
 //   - a write that leaves its user half without a present entry: exit_mmap
 //     clears the user half when the process exits or execs;
 //   - a periodic re-check (every 100 ms) finds its kernel half changed.
+//
+// The first two are decided by the plugin at the store itself (the backend
+// marks root pages in the control file): it write-unprotects the page there
+// and then, before the guest can free and reuse it, so that the engine,
+// running behind the guest, neither reports nor hooks anything from what the
+// page holds afterwards (its proofs go through no unprotected page); the
+// backend then stops the root.
 //
 // # Guests
 //

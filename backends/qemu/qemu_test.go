@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -97,10 +98,21 @@ type tracked struct {
 // must give the new walk. Roots stopped in between must have reported every
 // mapping removed. At the end the guest is closed (every root stopped).
 //
+// Every callback must also be true on its own (SEMANTICS.md section 6, "No
+// phantoms"): none may report a present entry that Linux cannot have written
+// (qemu.CheckEntry: a frame outside guest RAM, reserved bits set).
+//
 // The engine's shard count is VASENGINE_QEMU_SHARDS (default 2), the
-// guest's vCPUs VASENGINE_QEMU_VCPUS (default 1).
+// guest's vCPUs VASENGINE_QEMU_VCPUS (default 1). VASENGINE_QEMU_UNVERSIONED=1
+// gives the engine guest RAM without its version words, so that it cannot
+// prove its reads (the behaviour before issue 17): the phantom check then
+// finds phantoms on most runs and the test fails, showing that it can.
 func TestLinuxForkOracle(t *testing.T) {
 	needQEMU(t)
+	if os.Getenv("VASENGINE_QEMU_UNVERSIONED") == "1" {
+		t.Log("VASENGINE_QEMU_UNVERSIONED=1: guest RAM is given to the engine without version words")
+		defer qemu.SetUnversioned(qemu.SetUnversioned(true))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	e, err := engine.New(engine.Config{Shards: envInt("VASENGINE_QEMU_SHARDS", 2), NoPin: true})
@@ -122,6 +134,26 @@ func TestLinuxForkOracle(t *testing.T) {
 	var compared, applied, retired, mappings int
 	check := func(when string) {
 		t.Helper()
+		wd := time.AfterFunc(15*time.Second, func() {
+			if os.Getenv("VASQ_TRACE") == "" {
+				return
+			}
+			traceDump("/tmp/vasq_trace_hang.txt")
+			buf := make([]byte, 8<<20)
+			n := runtime.Stack(buf, true)
+			st := e.Stats()
+			var b strings.Builder
+			fmt.Fprintf(&b, "stats %+v\n", st)
+			for i, sh := range e.Shards() {
+				fmt.Fprintf(&b, "shard %d: held %d retrying %d dirty %d partial %d haswork %v\n", i, sh.C.Held.Load(), sh.C.Retrying.Load(), sh.C.Dirty.Load(), sh.C.Partial.Load(), sh.HasWork())
+			}
+			for _, r := range g.Roots() {
+				fmt.Fprintf(&b, "root %s id %d stopped %v tables %d\n", r.Info.Name, r.Root.ID, r.Root.Stopped(), r.Root.Tables())
+			}
+			fmt.Fprintf(&b, "guest %+v\n", g.Stats())
+			os.WriteFile("/tmp/vasq_hang.txt", append([]byte(b.String()), buf[:n]...), 0o644)
+		})
+		defer wd.Stop()
 		if err := g.Pause(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -139,6 +171,20 @@ func TestLinuxForkOracle(t *testing.T) {
 			dump, _ := e.Dump(context.Background(), r.Root)
 			if d := tablesDiff(g.Memory(), r.Root, dump); d != "" {
 				t.Errorf("%s: root %s: hooked tables differ from memory: %s", when, r.Info.Name, d)
+				if os.Getenv("VASQ_TRACE") != "" {
+					var subs []string
+					for _, f := range strings.Fields(d) {
+						if strings.HasPrefix(f, "0x") || strings.HasPrefix(f, "va=") {
+							subs = append(subs, strings.TrimSuffix(f, ";"))
+						}
+						var x uint64
+						if _, err := fmt.Sscanf(f, "0x%x", &x); err == nil {
+							subs = append(subs, fmt.Sprintf("%#x", x|0x67))
+						}
+					}
+					traceDump("/tmp/vasq_trace.txt")
+					t.Logf("trace (%d lines) dumped to /tmp/vasq_trace.txt; subs %v", tr.n, subs)
+				}
 			}
 			tr := base[r.Info]
 			if tr == nil {
@@ -170,6 +216,11 @@ func TestLinuxForkOracle(t *testing.T) {
 		st := e.Stats()
 		if st.Submitted != st.Processed+st.Rejected || st.Rejected != 0 {
 			t.Errorf("%s: engine accounting: submitted %d, processed %d, rejected %d", when, st.Submitted, st.Processed, st.Rejected)
+		}
+		// The plugin delivers each store once, each record with a stamp of
+		// its own: the engine must find no duplicate.
+		if d := st.Kinds[vasmon.WriteDuplicate]; d != 0 {
+			t.Errorf("%s: the engine dropped %d events as duplicates", when, d)
 		}
 		c := g.Counters()
 		t.Logf("%s: %d roots live, plugin %d stores, %d records, %d waits, %d drops; roots %+v",
@@ -205,6 +256,7 @@ func TestLinuxForkOracle(t *testing.T) {
 	}
 	s := g.Stats()
 	t.Logf("compared %d root checkpoints (%d mappings), %d roots retired, %d callbacks applied; %+v", compared, mappings, retired, applied, s)
+	checkPhantoms(t, g, s)
 	// The checks above must have had something to check.
 	if compared < checkpoints || retired < 3 || applied < 1000 || s.Plugin.Records < 10000 {
 		t.Errorf("too little was checked: %d root comparisons, %d roots retired, %d callbacks, %d records",
@@ -212,6 +264,22 @@ func TestLinuxForkOracle(t *testing.T) {
 	}
 	if s.Roots.StoppedKernel+s.Roots.StoppedEmpty == 0 {
 		t.Errorf("no root was seen to die: %+v", s.Roots)
+	}
+}
+
+// checkPhantoms logs g's phantom callbacks and fails t if there are any.
+func checkPhantoms(t *testing.T, g *qemu.Guest, s qemu.GuestStats) {
+	t.Helper()
+	t.Logf("VM %d: %d phantom callbacks (present entries Linux cannot have written) of %d callbacks with a present entry", s.VM, s.Phantoms, s.Present)
+	if s.Phantoms != 0 {
+		var b strings.Builder
+		for _, p := range g.Phantoms() {
+			fmt.Fprintf(&b, "\n  %v", p)
+		}
+		t.Errorf("VM %d: %d phantom callbacks; the first:%s", s.VM, s.Phantoms, b.String())
+		if os.Getenv("VASQ_TRACE") != "" {
+			traceDump("/tmp/vasq_trace.txt")
+		}
 	}
 }
 
@@ -326,6 +394,10 @@ func TestRunTwoGuests(t *testing.T) {
 		}
 		if g.Plugin.Drops != 0 || g.Rejected != 0 {
 			t.Errorf("VM %d: %d drops, %d events rejected", g.VM, g.Plugin.Drops, g.Rejected)
+		}
+		t.Logf("VM %d: %d phantom callbacks (present entries Linux cannot have written) of %d callbacks with a present entry", g.VM, g.Phantoms, g.Present)
+		if g.Phantoms != 0 {
+			t.Errorf("VM %d: %d phantom callbacks", g.VM, g.Phantoms)
 		}
 	}
 	if err := e.Sync(ctx); err != nil {

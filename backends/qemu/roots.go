@@ -50,6 +50,8 @@ type rootState struct {
 	why   atomic.Int32
 }
 
+var DebugLife func(string, ...any)
+
 // Root is an address space the backend monitors.
 type Root struct {
 	Info *backends.RootInfo // the callback context
@@ -102,37 +104,31 @@ func (g *Guest) Roots() []Root {
 	return out
 }
 
-func (g *Guest) setRootBit(gpa uint64, on bool) {
-	pfn := gpa / vasmon.PageSize
-	w, bit := &g.rootBits[pfn/64], uint64(1)<<(pfn%64)
-	if on {
-		w.Or(bit)
-	} else {
-		w.And(^bit)
-	}
-}
-
-// watchRoot runs on the drainer for every record: it flags a root whose
-// table page stops being a live PGD.
+// watchRoot runs on the drainer for every record: it flags the root whose
+// table page the plugin found no longer a live PGD at the record's store.
+//
+// The plugin decides, not the drainer: it sees the guest's stores as they
+// happen, while the drainer and the engine run behind the guest, which may
+// meanwhile have freed the page and reused it (as data, or as a table of
+// another address space). At the store that ends the root, the plugin
+// write-unprotects the page (its version word counts the change) and clears
+// its root bit; from then on the engine proves nothing through the page
+// (vasmon: a page that lost its protection is not read, the tables below it
+// are not linked), so nothing the guest writes into it afterwards is
+// reported, until Stop unhooks what is left.
 func (g *Guest) watchRoot(r *record) {
-	pfn := r.GPA / vasmon.PageSize
-	if pfn >= uint64(len(g.rootBits))*64 || g.rootBits[pfn/64].Load()&(1<<(pfn%64)) == 0 {
+	why := int32(r.Kind >> recRootEnd)
+	if why == 0 {
 		return
 	}
-	st, ok := g.roots.Load(pfn * vasmon.PageSize)
+	st, ok := g.roots.Load(r.GPA &^ (vasmon.PageSize - 1))
 	if !ok || st.dying.Load() {
 		return
 	}
-	var why int32
-	switch {
-	case r.GPA%vasmon.PageSize >= userEntries*8:
-		why = whyKernel
-	case r.Val&vasmon.BitP == 0 && !g.userPresent(st.gpa):
-		why = whyEmpty
-	default:
-		return
-	}
 	if st.dying.CompareAndSwap(false, true) {
+		if DebugLife != nil {
+			DebugLife("flag death root %#x why %d at rec gpa=%#x val=%#x", st.gpa, why, r.GPA, r.Val)
+		}
 		st.why.Store(why)
 		select {
 		case g.ops <- op{kind: opDeath, st: st}:
@@ -323,15 +319,18 @@ func (g *Guest) startRoot(gpa uint64, mode vasmon.Mode) {
 	// Registered before Start hooks the page, so that the drainer watches
 	// every write to it from the moment it is protected.
 	g.roots.Store(gpa, st)
-	g.setRootBit(gpa, true)
+	g.ctl.setRoot(gpa, true)
 	r, err := g.host.Start(g.ctx, g.ID, gpa, mode, g.req.Monitored, g.req.Callback, st.info, g.req.Options)
 	if err != nil {
 		g.ls.startFailed.Add(1)
 		g.roots.Delete(gpa)
-		g.setRootBit(gpa, false)
+		g.ctl.setRoot(gpa, false)
 		return
 	}
 	st.root.Store(r)
+	if DebugLife != nil {
+		DebugLife("started root %#x id %d", gpa, r.ID)
+	}
 	g.ls.started.Add(1)
 	g.ls.live.Add(1)
 	// If the drainer flagged it during Start, its opDeath is queued.
@@ -347,11 +346,14 @@ func (g *Guest) stopRoot(st *rootState) {
 	if err := g.host.Stop(ctx, r); err != nil && !errors.Is(err, vasmon.ErrUnknownRoot) {
 		g.ls.stopFailed.Add(1)
 	}
+	if DebugLife != nil {
+		DebugLife("stopped root %#x id %d", st.gpa, r.ID)
+	}
 	g.ls.stopped[st.why.Load()].Add(1)
 	g.ls.live.Add(-1)
 	st.root.Store(nil)
 	g.roots.Delete(st.gpa)
-	g.setRootBit(st.gpa, false)
+	g.ctl.setRoot(st.gpa, false)
 }
 
 // recheck stops roots whose kernel half is no longer the reference.

@@ -8,16 +8,19 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vasengine/vasengine/guestmem"
 	"github.com/vasengine/vasengine/vasmon"
 )
 
 // The control file shared with plugin/ptstore.c: a header page pair, the
-// bitmap of write-protected guest pages (one bit per 4 KiB page) and the
-// ring of store records. The constants and structs here must agree with the
-// plugin's (both assert the offsets).
+// version word of every guest page (guestmem.Versions: one 8-byte word per
+// 4 KiB page, bit 0 write-protected, bits 32-63 the change count), the
+// bitmap of the pages of monitored roots (one bit per page) and the ring of
+// store records. The constants and structs here must agree with the
+// plugin's (both assert the offsets; the plugin checks the header's).
 const (
 	ctlMagic    = 0x3153545051534156 // "VASQPTS1"
-	ctlVersion  = 1
+	ctlVersion  = 2                  // 1: a bitmap of protected pages, no stamps
 	maxVCPUs    = 64
 	ctlHdrBytes = 8192
 )
@@ -28,23 +31,25 @@ type vcpuCounters struct {
 }
 
 type ctlHeader struct {
-	Magic       uint64
-	Version     uint32
-	MaxVCPUs    uint32
-	RingSlots   uint64
-	BitmapPages uint64
-	RAMBytes    uint64
-	Attached    uint32
-	SMPVCPUs    uint32
-	_           [2]uint64
-	Head        uint64 // offset 64: next slot producers reserve
-	_           [7]uint64
-	Tail        uint64 // offset 128: next slot the Go side consumes
-	_           [7]uint64
-	Drops       uint64 // offset 192
-	PGDSig      uint64 // offset 200: entry 511 of the reference PGD; 0: unknown
-	_           [6]uint64
-	VCPU        [maxVCPUs]vcpuCounters // offset 256
+	Magic      uint64
+	Version    uint32
+	MaxVCPUs   uint32
+	RingSlots  uint64
+	VerPages   uint64 // version words: one per page of guest RAM
+	RAMBytes   uint64
+	Attached   uint32
+	SMPVCPUs   uint32
+	VerOffset  uint64 // offset 48: byte offset of the version words in the file
+	RingOffset uint64 // offset 56: byte offset of the ring
+	Head       uint64 // offset 64: next slot producers reserve
+	_          [7]uint64
+	Tail       uint64 // offset 128: next slot the Go side consumes
+	_          [7]uint64
+	Drops      uint64 // offset 192
+	PGDSig     uint64 // offset 200: entry 511 of the reference PGD; 0: unknown
+	RootOffset uint64 // offset 208: byte offset of the bitmap of root pages
+	_          [5]uint64
+	VCPU       [maxVCPUs]vcpuCounters // offset 256
 }
 
 // record is one store to a protected page, per 8-byte entry touched.
@@ -57,14 +62,23 @@ type record struct {
 	VCPU     uint32
 	Size     uint32 // bytes of the store
 	StoreGPA uint64
-	Kind     uint32 // recEntry or recPGD
-	_        uint32
+	Kind     uint32 // recEntry or recPGD; for recEntry, an end of the root in bits 8-15 (recRootEnd)
+	// Ver is the store's stamp on its page's version word: the plugin
+	// counts every store to a protected page, per entry, as a trapped
+	// write begun and ended after it reached memory (guestmem.Versions.Trap).
+	Ver uint32
 }
 
 // Record kinds.
 const (
 	recEntry = 0 // a store to a protected page: GPA and Val are the entry
 	recPGD   = 1 // a page completed with the PGD signature: GPA is the page
+	recKind  = 0xFF
+	// Kind>>recRootEnd is not 0 on the record of a store that ended the
+	// root whose top-level table its page was (its bit set in the control
+	// file's bitmap of root pages): whyKernel or whyEmpty. The plugin has
+	// then write-unprotected the page and cleared its root bit.
+	recRootEnd = 8
 )
 
 // Compile-time layout checks (an index out of range fails the build).
@@ -73,22 +87,30 @@ var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Tail)-128]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Drops)-192]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.VCPU)-256]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.PGDSig)-200]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.RootOffset)-208]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.VerOffset)-48]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.RingOffset)-56]
 var _ = [1]struct{}{}[unsafe.Offsetof(record{}.Kind)-56]
+var _ = [1]struct{}{}[unsafe.Offsetof(record{}.Ver)-60]
 var _ = [1]struct{}{}[unsafe.Sizeof(record{})-64]
 var _ = [1]struct{}{}[unsafe.Sizeof(vcpuCounters{})-64]
 
 // control is the Go side's mapping of a control file.
 type control struct {
-	path   string
-	buf    []byte
-	hdr    *ctlHeader
-	bitmap []uint64
-	ring   []record
-	mask   uint64
-	tail   uint64 // consumer position (only the drainer touches it)
+	path  string
+	buf   []byte
+	hdr   *ctlHeader
+	vers  *guestmem.Versions // over the file's version words
+	roots []atomic.Uint64    // the file's bitmap of root pages
+	ring  []record
+	mask  uint64
+	tail  uint64 // consumer position (only the drainer touches it)
 }
 
-func bitmapBytes(pages uint64) uint64 { return ((pages+63)/64*8 + 4095) &^ 4095 }
+// verBytes is the size of the version words of pages, rounded up to a page;
+// rootBytes the size of their bitmap.
+func verBytes(pages uint64) uint64  { return (pages*8 + 4095) &^ 4095 }
+func rootBytes(pages uint64) uint64 { return ((pages+63)/64*8 + 4095) &^ 4095 }
 
 // newControl creates the control file at path for a guest of ramBytes.
 func newControl(path string, ramBytes uint64, slots int) (*control, error) {
@@ -96,18 +118,22 @@ func newControl(path string, ramBytes uint64, slots int) (*control, error) {
 		return nil, fmt.Errorf("qemu: ring slots %d: must be a power of two", slots)
 	}
 	pages := ramBytes / vasmon.PageSize
-	size := ctlHdrBytes + bitmapBytes(pages) + uint64(slots)*uint64(unsafe.Sizeof(record{}))
+	verOff := uint64(ctlHdrBytes)
+	rootOff := verOff + verBytes(pages)
+	ringOff := rootOff + rootBytes(pages)
+	size := ringOff + uint64(slots)*uint64(unsafe.Sizeof(record{}))
 	buf, err := mapFile(path, size, true)
 	if err != nil {
 		return nil, err
 	}
 	c := &control{path: path, buf: buf, hdr: (*ctlHeader)(unsafe.Pointer(&buf[0])), mask: uint64(slots - 1)}
-	bm := buf[ctlHdrBytes : ctlHdrBytes+bitmapBytes(pages)]
-	c.bitmap = unsafe.Slice((*uint64)(unsafe.Pointer(&bm[0])), len(bm)/8)
-	rb := buf[ctlHdrBytes+bitmapBytes(pages):]
-	c.ring = unsafe.Slice((*record)(unsafe.Pointer(&rb[0])), slots)
+	// The file is new (all zero): no page protected, no change counted.
+	c.vers = guestmem.VersionsOver(unsafe.Slice((*uint64)(unsafe.Pointer(&buf[verOff])), pages))
+	c.roots = unsafe.Slice((*atomic.Uint64)(unsafe.Pointer(&buf[rootOff])), (pages+63)/64)
+	c.ring = unsafe.Slice((*record)(unsafe.Pointer(&buf[ringOff])), slots)
 	h := c.hdr
-	h.Version, h.MaxVCPUs, h.RingSlots, h.BitmapPages, h.RAMBytes = ctlVersion, maxVCPUs, uint64(slots), pages, ramBytes
+	h.Version, h.MaxVCPUs, h.RingSlots, h.VerPages, h.RAMBytes = ctlVersion, maxVCPUs, uint64(slots), pages, ramBytes
+	h.VerOffset, h.RootOffset, h.RingOffset = verOff, rootOff, ringOff
 	atomic.StoreUint64(&h.Magic, ctlMagic)
 	return c, nil
 }
@@ -146,6 +172,19 @@ func (c *control) attached() bool { return atomic.LoadUint32(&c.hdr.Attached) !=
 func (c *control) head() uint64   { return atomic.LoadUint64(&c.hdr.Head) }
 func (c *control) drops() uint64  { return atomic.LoadUint64(&c.hdr.Drops) }
 
+// setRoot marks the page at gpa as the top-level table of a monitored root,
+// or no longer. The plugin clears the mark itself when a store ends the
+// root (recRootEnd).
+func (c *control) setRoot(gpa uint64, on bool) {
+	pfn := gpa / vasmon.PageSize
+	w, bit := &c.roots[pfn/64], uint64(1)<<(pfn%64)
+	if on {
+		w.Or(bit)
+	} else {
+		w.And(^bit)
+	}
+}
+
 // setPGDSig publishes the value that marks a new top-level table.
 func (c *control) setPGDSig(v uint64) { atomic.StoreUint64(&c.hdr.PGDSig, v) }
 
@@ -168,20 +207,16 @@ func (c *control) consume(max int, f func(*record)) int {
 	return n
 }
 
-// protect sets or clears the bit of the page at gpa. The atomic OR is a full
-// barrier: a read of the page after it sees every store the plugin did not
-// report (the plugin fences between a store and its bitmap test).
+// protect sets or clears the protected bit of the page at gpa, which counts
+// as a change of the page (guestmem.Versions.SetProtected). Its atomic
+// compare-and-swap is a full barrier: a read of the page after it sees
+// every store the plugin did not report (the plugin fences between a store
+// and its load of the word).
 func (c *control) protect(gpa uint64, on bool) error {
-	pfn := gpa / vasmon.PageSize
-	if gpa%vasmon.PageSize != 0 || pfn >= c.hdr.BitmapPages {
+	if gpa%vasmon.PageSize != 0 || gpa/vasmon.PageSize >= uint64(c.vers.Pages()) {
 		return fmt.Errorf("qemu: cannot protect %#x: not a page of guest RAM", gpa)
 	}
-	w, bit := &c.bitmap[pfn/64], uint64(1)<<(pfn%64)
-	if on {
-		atomic.OrUint64(w, bit)
-	} else {
-		atomic.AndUint64(w, ^bit)
-	}
+	c.vers.SetProtected(gpa, on)
 	return nil
 }
 
@@ -259,3 +294,14 @@ func (m *ram) close() {
 	}
 	_ = os.Remove(m.path)
 }
+
+// versionedRAM is guest RAM with the plugin's version words: the Memory the
+// engine gets (vasmon.Versioned), so that it can prove each of its reads of
+// guest RAM against the guest's concurrent stores.
+type versionedRAM struct {
+	*ram
+	vers *guestmem.Versions
+}
+
+// Versions implements vasmon.Versioned.
+func (m versionedRAM) Versions() *guestmem.Versions { return m.vers }

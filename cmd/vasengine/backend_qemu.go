@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"flag"
+	"fmt"
+	"io"
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/qemu"
@@ -14,6 +16,7 @@ import (
 type qemuFlags struct {
 	guests, jobs, mem, vcpus int
 	workload                 string
+	sum                      *qemu.Summary // the run's, once it has ended
 }
 
 func (f *qemuFlags) register(fs *flag.FlagSet) {
@@ -30,7 +33,19 @@ func (f *qemuFlags) backend() (backendRun, error) {
 	}
 	cfg := qemu.Config{Guests: f.guests, Workload: f.workload, Jobs: f.jobs, MemMB: f.mem, VCPUs: f.vcpus}
 	return func(ctx context.Context, host engine.Host, req backends.Request) error {
-		_, err := qemu.Run(ctx, host, cfg, req)
+		sum, err := qemu.Run(ctx, host, cfg, req)
+		f.sum = &sum
 		return err
 	}, nil
+}
+
+// printSummary prints each guest's phantom callbacks (qemu.CheckEntry;
+// SEMANTICS.md section 6), which must be 0, if a QEMU run ended.
+func (f *qemuFlags) printSummary(w io.Writer) {
+	if f.sum == nil {
+		return
+	}
+	for _, g := range f.sum.Guests {
+		fmt.Fprintf(w, "qemu: VM %d: %d phantom callbacks (must be 0) of %d reporting a present entry\n", g.VM, g.Phantoms, g.Present)
+	}
 }

@@ -159,6 +159,9 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	if f.backend == "kvm" {
 		f.kvm.printSummary(stdout)
 	}
+	if f.backend == "qemu" {
+		f.qemu.printSummary(stdout)
+	}
 	return err
 }
 

@@ -2,32 +2,57 @@
  * ptstore.c: the EPT part of vasengine's QEMU TCG backend, as a QEMU plugin
  * (plugin API version 1, QEMU 7.2 system emulation).
  *
- * For every guest store to RAM whose page is marked in a shared bitmap of
- * write-protected guest pages, it pushes one record per 8-byte entry the
+ * Every guest page has a version word in a shared control file (the
+ * layout of vasengine's guestmem.Versions): bit 0 says the page is
+ * write-protected, bits 32-63 count its changes. For every guest store to
+ * RAM whose page is protected, it pushes one record per 8-byte entry the
  * store touched into a shared ring: (vCPU, entry GPA, the whole entry as it
  * is in guest RAM after the store, the instruction's address, a
- * CLOCK_MONOTONIC time stamp). The Go backend (backends/qemu) sets and clears
- * the bitmap as the engine write-protects and releases page-table pages,
- * drains the ring and keeps all page-table semantics; this file knows nothing
- * of paging levels or trees.
+ * CLOCK_MONOTONIC time stamp, the store's stamp on the page's version word).
+ * The Go backend (backends/qemu) sets and clears the protected bits as the
+ * engine write-protects and releases page-table pages, drains the ring and
+ * keeps all page-table semantics; this file knows nothing of paging levels
+ * or trees, and of Linux only how its address spaces begin and end (below).
+ *
+ * Stamps. A memory callback runs after the store reached guest RAM, so a
+ * store is counted as a trapped write begun and ended at once, after it
+ * (guestmem.Versions.Trap): for each entry record, the page's change count
+ * grows by 2 in one atomic step taken only while the page is protected, and
+ * the record carries the count after the first of the two (what BeginWrite
+ * would have returned; never 0). A reader of the page that loads a word
+ * whose count is at least a record's stamp has the record's store in what
+ * it reads. No write is ever left in progress (bits 1-15 stay 0).
+ *
+ * Roots. The Go side marks the top-level table pages of the address spaces
+ * it monitors in a bitmap of root pages. A store to a protected root page
+ * that writes its kernel half (bytes 2048-4095), or leaves its user half
+ * (bytes 0-2047) without a present entry (bit 0), ends the root: Linux
+ * x86-64 changes the kernel half of no live top-level table, and clears
+ * the user half when the address space is torn down, before it frees the
+ * page. The plugin then clears the page's root bit, write-unprotects the
+ * page (as the Go side's Unprotect would) and flags the store's record
+ * (ROOT_END_*), all before the vCPU goes on: the page may be reused at
+ * once, and the engine, which runs behind the guest, must neither see nor
+ * read through it as a root any more.
  *
  * It also reports stores that complete a page whose last 8 bytes then equal
  * a value the Go side publishes (entry 511 of the guest's reference
  * top-level table): how a Linux guest's new address spaces are found at
- * birth. That is a comparison of bytes, not paging knowledge.
+ * birth. That is a comparison of bytes.
  *
- * Arguments: ctl=PATH (the control file: header, bitmap, ring; layout in
- * backends/qemu/shm.go, which must agree with the constants below) and
- * ram=PATH (the guest RAM file of -object memory-backend-file, mapped
- * read-only to re-read entries).
+ * Arguments: ctl=PATH (the control file: header, version words, root bitmap,
+ * ring; layout in backends/qemu/shm.go, which must agree with the constants
+ * below) and ram=PATH (the guest RAM file of -object memory-backend-file,
+ * mapped read-only to re-read entries).
  *
  * Ordering. The ring is multi-producer, single-consumer. A producer reserves
  * a slot (CAS on head) before it reads the entry from guest RAM, so for two
  * records of one entry the one with the higher slot number read guest RAM
- * later: the last record of an entry always holds its final value. Between
- * the store and the bitmap test there is a full fence: with the Go side's
- * protect (an atomic OR, then a read of the table) this guarantees that a
- * store is either seen by that read or reported here.
+ * later: the last record of an entry always holds its final value; the
+ * stamp is taken before the slot is reserved. Between the store and the
+ * load of the page's version word there is a full fence: with the Go side's
+ * protect (a compare-and-swap of the word, then a read of the table) this
+ * guarantees that a store is either seen by that read or reported here.
  *
  * QEMU ships no plugin header in Debian: the declarations below are our own,
  * of the documented API functions this file uses.
@@ -95,7 +120,7 @@ EXPORT int qemu_plugin_version = 1;
 /* ---- Shared control file (see backends/qemu/shm.go). ---- */
 
 #define CTL_MAGIC 0x3153545051534156ULL /* "VASQPTS1" */
-#define CTL_VERSION 1
+#define CTL_VERSION 2 /* 1: a bitmap of protected pages, no stamps */
 #define MAX_VCPUS 64
 #define HDR_BYTES 8192
 #define WAIT_LIMIT_NS 10000000000LL /* a full ring for this long counts a drop */
@@ -115,18 +140,20 @@ struct ctl_header {
 	uint32_t version;
 	uint32_t max_vcpus;
 	uint64_t ring_slots; /* power of two */
-	uint64_t bitmap_pages;
+	uint64_t ver_pages;  /* version words: one per page of guest RAM */
 	uint64_t ram_bytes;
 	uint32_t attached; /* set to 1 by the plugin */
 	uint32_t smp_vcpus;
-	uint64_t pad0[2];
+	uint64_t ver_offset;  /* offset 48: byte offset of the version words in the file */
+	uint64_t ring_offset; /* offset 56: byte offset of the ring */
 	uint64_t head; /* offset 64: next slot to reserve (producers) */
 	uint64_t pad1[7];
 	uint64_t tail; /* offset 128: next slot to consume (the Go side) */
 	uint64_t pad2[7];
 	uint64_t drops;   /* offset 192 */
-	uint64_t pgd_sig; /* offset 200: entry 511 of the reference PGD, 0: unknown */
-	uint64_t pad3[6];
+	uint64_t pgd_sig;     /* offset 200: entry 511 of the reference PGD, 0: unknown */
+	uint64_t root_offset; /* offset 208: byte offset of the bitmap of root pages */
+	uint64_t pad3[5];
 	struct vcpu_counters vcpu[MAX_VCPUS]; /* offset 256 */
 };
 
@@ -139,11 +166,15 @@ struct record {
 	uint32_t vcpu;
 	uint32_t size;      /* bytes of the store */
 	uint64_t store_gpa; /* first byte of the store */
-	uint32_t kind;      /* REC_ENTRY or REC_PGD */
-	uint32_t pad;
+	uint32_t kind;      /* REC_ENTRY or REC_PGD; ROOT_END_* << REC_ROOT_END */
+	uint32_t ver;       /* the store's stamp on its page's version word (REC_ENTRY) */
 };
 
 enum { REC_ENTRY = 0, REC_PGD = 1 };
+#define REC_ROOT_END 8    /* kind >> REC_ROOT_END: how the store ended a root, 0: it did not */
+#define ROOT_END_KERNEL 1 /* a store to the kernel half (backends/qemu: whyKernel) */
+#define ROOT_END_EMPTY 2  /* the user half left without a present entry (whyEmpty) */
+#define USER_HALF_BYTES 2048
 
 _Static_assert(sizeof(struct record) == 64, "record layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, head) == 64, "header layout");
@@ -151,11 +182,22 @@ _Static_assert(__builtin_offsetof(struct ctl_header, tail) == 128, "header layou
 _Static_assert(__builtin_offsetof(struct ctl_header, drops) == 192, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, vcpu) == 256, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, pgd_sig) == 200, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, root_offset) == 208, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, ver_offset) == 48, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, ring_offset) == 56, "header layout");
 _Static_assert(__builtin_offsetof(struct record, kind) == 56, "record layout");
+_Static_assert(__builtin_offsetof(struct record, ver) == 60, "record layout");
 _Static_assert(sizeof(struct ctl_header) <= HDR_BYTES, "header size");
 
+/* A page's version word (guestmem/versions.go): bit 0 protected, bits 1-15
+ * writes in progress (never set here), bits 32-63 the change count. */
+#define VER_PROTECTED 1ULL
+#define VER_COUNT_SHIFT 32
+#define VER_COUNT (1ULL << VER_COUNT_SHIFT)
+
 static struct ctl_header *hdr;
-static uint64_t *bitmap;
+static uint64_t *vers;  /* hdr->ver_pages words */
+static uint64_t *roots; /* bitmap of root pages, hdr->ver_pages bits */
 static struct record *ring;
 static uint64_t ring_mask;
 static const uint8_t *ram;
@@ -171,12 +213,70 @@ static int64_t now_ns(void)
 	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static inline bool protected_page(uint64_t gpa)
+/*
+ * stamp counts a store that reached the page at gpa as a trapped write
+ * begun and ended (see "Stamps") if the page is protected, and returns its
+ * stamp; 0 if the page is not protected.
+ */
+static inline uint32_t stamp(uint64_t gpa)
 {
 	uint64_t pfn = gpa >> 12;
-	if (pfn >= hdr->bitmap_pages)
-		return false;
-	return (LOAD(&bitmap[pfn >> 6]) >> (pfn & 63)) & 1;
+	if (pfn >= hdr->ver_pages)
+		return 0;
+	uint64_t *w = &vers[pfn];
+	uint64_t o = __atomic_load_n(w, __ATOMIC_RELAXED);
+	do {
+		if (!(o & VER_PROTECTED))
+			return 0;
+	} while (!__atomic_compare_exchange_n(w, &o, o + 2 * VER_COUNT, false, __ATOMIC_SEQ_CST,
+					      __ATOMIC_RELAXED));
+	uint32_t s = (uint32_t)(o >> VER_COUNT_SHIFT) + 1;
+	/* 0 means "no stamp": on wrap-around the count after both steps (1)
+	 * stamps it, as BeginWrite skips 0. */
+	return s ? s : 1;
+}
+
+/* unprotect clears the protected bit of the page at pfn, counting a change
+ * (guestmem.Versions.SetProtected(false)). */
+static void unprotect(uint64_t pfn)
+{
+	uint64_t *w = &vers[pfn];
+	uint64_t o = __atomic_load_n(w, __ATOMIC_RELAXED);
+	do {
+		if (!(o & VER_PROTECTED))
+			return;
+	} while (!__atomic_compare_exchange_n(w, &o, (o & ~VER_PROTECTED) + VER_COUNT, false,
+					      __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+}
+
+static inline bool present(uint64_t gpa) { return LOAD((const uint64_t *)(ram + gpa)) & 1; }
+
+/*
+ * root_end returns how the store to the entry at gpa (8-byte aligned, on a
+ * protected page) ended the root whose top-level table the page is
+ * (ROOT_END_*), or 0 if the page is no root page or the root lives on. A
+ * root is ended once: the first store to end it clears its root bit,
+ * unprotects its page (see "Roots") and gets the flag.
+ */
+static uint32_t root_end(uint64_t gpa)
+{
+	uint64_t pfn = gpa >> 12, page = gpa & ~4095ULL;
+	uint64_t bit = 1ULL << (pfn & 63);
+	if (!(LOAD(&roots[pfn >> 6]) & bit) || page + 4096 > ram_bytes)
+		return 0;
+	uint32_t why = ROOT_END_KERNEL;
+	if ((gpa & 4095) < USER_HALF_BYTES) {
+		if (present(gpa))
+			return 0;
+		for (uint64_t e = page; e < page + USER_HALF_BYTES; e += 8)
+			if (present(e))
+				return 0;
+		why = ROOT_END_EMPTY;
+	}
+	if (!(__atomic_fetch_and(&roots[pfn >> 6], ~bit, __ATOMIC_SEQ_CST) & bit))
+		return 0; /* another vCPU ended it */
+	unprotect(pfn);
+	return why;
 }
 
 static struct vcpu_counters *counters(unsigned int vcpu)
@@ -186,7 +286,7 @@ static struct vcpu_counters *counters(unsigned int vcpu)
 
 /* push records the entry at gpa (8-byte aligned) after a store. */
 static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned size, uint64_t rip,
-		 uint32_t kind)
+		 uint32_t kind, uint32_t ver)
 {
 	struct vcpu_counters *c = counters(vcpu);
 	uint64_t h = __atomic_load_n(&hdr->head, __ATOMIC_RELAXED);
@@ -230,6 +330,7 @@ static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned s
 	r->size = size;
 	r->store_gpa = store_gpa;
 	r->kind = kind;
+	r->ver = ver;
 	__atomic_store_n(&r->seq, h + 1, __ATOMIC_RELEASE);
 	BUMP(&c->records, 1);
 }
@@ -242,7 +343,7 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 	BUMP(&c->stores, 1);
 	unsigned size = 1u << qemu_plugin_mem_size_shift(info);
 	uint64_t end = vaddr + size; /* exclusive */
-	/* Order the store before the bitmap loads (see "Ordering"). */
+	/* Order the store before the version word loads (see "Ordering"). */
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	/* One step per guest page the store touched (two at most). */
 	for (uint64_t va = vaddr; va < end;) {
@@ -260,9 +361,15 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 		uint64_t gpa = qemu_plugin_hwaddr_phys_addr(hw);
 		uint64_t last = gpa + (pend - va) - 1;
 		uint64_t rip = (uint64_t)(uintptr_t)userdata;
-		if (protected_page(gpa)) {
-			for (uint64_t e = gpa & ~7ULL; e <= last; e += 8)
-				push(vcpu, e, gpa, size, rip, REC_ENTRY);
+		/* Each entry's record is its own trapped write, with its own stamp. */
+		for (uint64_t e = gpa & ~7ULL; e <= last; e += 8) {
+			uint32_t ver = stamp(gpa);
+			if (!ver)
+				break; /* the page is not protected */
+			uint32_t end = root_end(e);
+			push(vcpu, e, gpa, size, rip, REC_ENTRY | end << REC_ROOT_END, ver);
+			if (end)
+				break; /* the page is no longer protected */
 		}
 		/*
 		 * A store that completes the last entry of a page with the
@@ -272,7 +379,7 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 		uint64_t sig = LOAD(&hdr->pgd_sig);
 		if ((last & 4095) == 4095 && sig != 0 && (last | 7) < ram_bytes &&
 		    LOAD((const uint64_t *)(ram + (last & ~7ULL))) == sig)
-			push(vcpu, last & ~4095ULL, gpa, size, rip, REC_PGD);
+			push(vcpu, last & ~4095ULL, gpa, size, rip, REC_PGD, 0);
 		va = pend;
 	}
 }
@@ -340,16 +447,20 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
 		return -1;
 	hdr = c;
 	uint64_t slots = hdr->ring_slots;
-	uint64_t bm_bytes = ((hdr->bitmap_pages + 63) / 64 * 8 + 4095) & ~4095ULL;
+	uint64_t ver_bytes = (hdr->ver_pages * 8 + 4095) & ~4095ULL;
+	uint64_t root_bytes = ((hdr->ver_pages + 63) / 64 * 8 + 4095) & ~4095ULL;
 	if (hdr->magic != CTL_MAGIC || hdr->version != CTL_VERSION || hdr->max_vcpus != MAX_VCPUS ||
-	    slots == 0 || (slots & (slots - 1)) != 0 ||
-	    ctl_bytes < HDR_BYTES + bm_bytes + slots * sizeof(struct record)) {
+	    slots == 0 || (slots & (slots - 1)) != 0 || hdr->ver_offset != HDR_BYTES ||
+	    hdr->root_offset != HDR_BYTES + ver_bytes ||
+	    hdr->ring_offset != hdr->root_offset + root_bytes ||
+	    ctl_bytes < hdr->ring_offset + slots * sizeof(struct record)) {
 		errno = EINVAL;
 		fail("bad control file", ctl);
 		return -1;
 	}
-	bitmap = (uint64_t *)((char *)c + HDR_BYTES);
-	ring = (struct record *)((char *)c + HDR_BYTES + bm_bytes);
+	vers = (uint64_t *)((char *)c + hdr->ver_offset);
+	roots = (uint64_t *)((char *)c + hdr->root_offset);
+	ring = (struct record *)((char *)c + hdr->ring_offset);
 	ring_mask = slots - 1;
 	ram = map_file(ramp, PROT_READ, &ram_bytes);
 	if (!ram)
