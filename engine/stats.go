@@ -21,8 +21,8 @@ type Stats struct {
 	// StaleReads counts tables guest memory no longer linked at their
 	// place when they were read: hooks dropped, tables unhooked early.
 	StaleReads uint64
-	Resyncs    uint64 // pages read again (a value that could not be proven)
-	Expired    uint64 // partial writes ended after the pending timeout
+	Resyncs    uint64        // pages read again (a value that could not be proven)
+	Expired    uint64        // partial writes ended after the pending timeout
 	Steals     uint64        // shard steps run by another thread than the shard's worker
 	Spin       time.Duration // time workers spent polling idle queues
 	QueueLen   int

@@ -110,7 +110,9 @@ type local struct {
 	vm              []vmLocal
 	dirty           []uint32 // VM slots changed since the last publish
 	isDirty         []bool
-	epoch           uint64 // the sink's SlotEpoch last seen
+	dequeued        []int32  // events per slot in the current batch
+	inBatch         []uint16 // slots with events in the current batch
+	epoch           uint64   // the sink's SlotEpoch last seen
 
 	// Callbacks invoked but not yet timed (see timeCallbacks).
 	untimed   [maxTimedGroup]untimed
@@ -188,6 +190,11 @@ type Shard struct {
 	cur       uint16 // ticket of the work being done (verdicts)
 	steps     uint64
 
+	// queued counts each VM slot's events in the queue (fair ingest: the
+	// engine holds a VM back once it has more than its share queued and
+	// the queue is half full).
+	queued []atomic.Int32
+
 	Hist   Histogram // callback latencies, published after each step
 	C      Counters
 	VMs    []VMCounters
@@ -215,9 +222,9 @@ func New(cfg Config, sink Sink) *Shard {
 	st.PendingTimeout = int64(cfg.PendingTimeout)
 	s := &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
-		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
+		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(), queued: make([]atomic.Int32, cfg.MaxSlots),
 		loc: local{group: 1, vm: make([]vmLocal, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
-			isDirty: make([]bool, cfg.MaxSlots)}}
+			isDirty: make([]bool, cfg.MaxSlots), dequeued: make([]int32, cfg.MaxSlots), inBatch: make([]uint16, 0, cfg.MaxSlots)}}
 	s.spaceCond.L = &s.spaceMu
 	s.pinned.Store(-1)
 	return s
@@ -247,6 +254,13 @@ func (s *Shard) Processed() uint64 { return s.C.Processed.Load() }
 // Position returns the ingest queue position up to which events have been
 // claimed for processing.
 func (s *Shard) Position() uint64 { return s.q.head.Load() }
+
+// Queued returns how many events of VM slot are in the queue (about).
+func (s *Shard) Queued(slot uint16) int32 { return s.queued[slot].Load() }
+
+// AddQueued counts n events of VM slot queued (the engine, after it queued
+// them).
+func (s *Shard) AddQueued(slot uint16, n int) { s.queued[slot].Add(int32(n)) }
 
 // HasWork reports whether the shard has events or messages waiting.
 func (s *Shard) HasWork() bool { return s.q.Len() > 0 || s.pending.Load() > 0 }
@@ -375,10 +389,23 @@ func (s *Shard) Step(max int) bool {
 			s.loc.epoch = e
 			s.newSlots()
 		}
+		l := &s.loc
 		for i := range uint64(n) {
-			s.process(s.q.At(pos + i))
+			e := s.q.At(pos + i)
+			if int(e.Slot) < len(l.dequeued) {
+				if l.dequeued[e.Slot] == 0 {
+					l.inBatch = append(l.inBatch, e.Slot)
+				}
+				l.dequeued[e.Slot]++
+			}
+			s.process(e)
 		}
 		s.q.Release(pos, n)
+		for _, slot := range l.inBatch {
+			s.queued[slot].Add(-l.dequeued[slot])
+			l.dequeued[slot] = 0
+		}
+		l.inBatch = l.inBatch[:0]
 		s.wakeSpaceWaiters()
 		s.C.Batches.Add(1)
 		s.C.BatchSum.Add(uint64(n))
