@@ -551,12 +551,12 @@ func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vas
 	// Let the VM's events submitted so far reach the shadows first, so the
 	// new tree starts from what the caller's walk of memory shows.
 	if err := e.waitVM(ctx, ve); err != nil {
-		_ = e.stop(context.Background(), key, r, false)
+		_ = e.stop(ctx, key, r, false) // (unhooked in the background)
 		return nil, err
 	}
 	e.send(vasmon.Request{Root: r, GPA: gpa, Level: uint8(mode.Levels()), Op: vasmon.OpHook})
 	if err := e.waitRoot(ctx, r); err != nil {
-		_ = e.stop(context.Background(), key, r, false)
+		_ = e.stop(ctx, key, r, false) // (unhooked in the background)
 		return nil, err
 	}
 	if r.Tables() == 0 {

@@ -377,6 +377,11 @@ func (s *Shard) Step(max int) bool {
 	}
 	s.steps++
 	worked := false
+	if e := s.sink.SlotEpoch(); e != s.loc.epoch {
+		// (Before messages too: their callbacks count for the VM's slot.)
+		s.loc.epoch = e
+		s.newSlots()
+	}
 	if s.pending.Load() > 0 {
 		s.drainInbox()
 		worked = true
