@@ -41,8 +41,8 @@ func parseSpeed(s string) (float64, error) {
 		return replay.Recorded, nil
 	}
 	v, err := strconv.ParseFloat(s, 64)
-	if err != nil || !(v > 0) || !finite(v) {
-		return 0, usagef("-speed %q: want max, recorded or a positive factor", s)
+	if err != nil || !(v > 0) || v > 1e6 || v < 1e-6 {
+		return 0, usagef("-speed %q: want max, recorded or a factor of the recorded pace within 1e-6..1e6", s)
 	}
 	return v, nil
 }

@@ -536,3 +536,48 @@ func TestReplaySkipped(t *testing.T) {
 		t.Fatalf("the text summary does not name the skipped records:\n%s", out)
 	}
 }
+
+// TestHostileInputs: damaged traces and snapshots never crash a command:
+// every one ends with exit 0, 1 or 2 and a message.
+func TestHostileInputs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "run.trace")
+	if code, _, stderr := runMain("record", "-o", path, "-events", "3000", "-duration", "2m", "-vms", "2", "-rate", "0"); code != 0 {
+		t.Fatalf("record: exit %d: %s", code, stderr)
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inputs [][]byte
+	for _, cut := range []int{0, 5, 23, 24, 30, 36, 100, len(raw) / 2, len(raw) - 1} {
+		inputs = append(inputs, raw[:min(cut, len(raw))])
+	}
+	for i, off := range []int{0, 8, 12, 20, 24, 28, 32, 40, 64, 200, len(raw) / 3, len(raw) - 5} {
+		if off >= len(raw) {
+			continue
+		}
+		b := bytes.Clone(raw)
+		b[off] ^= byte(1 << (i % 8))
+		inputs = append(inputs, b)
+	}
+	inputs = append(inputs, append(bytes.Clone(raw), 0), bytes.Repeat([]byte{0xFF}, 4096))
+	dir := t.TempDir()
+	for i, in := range inputs {
+		f := filepath.Join(dir, fmt.Sprintf("bad%d.trace", i))
+		if err := os.WriteFile(f, in, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, args := range [][]string{{"replay", f}, {"replay", "-salvage", f}, {"plan", "-trace", f, "-from-report", writeFile(t, "b.txt", benchTxt)}} {
+			code, _, stderr := runMain(args...)
+			if code < 0 || code > 2 || (code != 0 && !strings.Contains(stderr, "vasengine: ")) {
+				t.Errorf("%v: exit %d, stderr %q", args, code, stderr)
+			}
+		}
+	}
+	for _, junk := range []string{"", "# TYPE x histogram\nx_bucket{le=\"NaN\"} 1\n", strings.Repeat("vasengine_vms 1\n", 3), "process_start_time_seconds NaN\nvasengine_vms 1e308\n"} {
+		args := []string{"plan", "-prom", writeFile(t, "junk.prom", junk), "-from-report", writeFile(t, "b.txt", benchTxt)}
+		if code, _, stderr := runMain(args...); code != 2 {
+			t.Errorf("plan -prom %q: exit %d, stderr %q", junk, code, stderr)
+		}
+	}
+}

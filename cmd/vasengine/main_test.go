@@ -93,6 +93,8 @@ func TestUsageErrors(t *testing.T) {
 		{"run", "-backend", "replay"},
 		{"run", "-backend", "replay", "-trace", filepath.Join(t.TempDir(), "none")},
 		{"run", "-backend", "replay", "-trace", "x", "-speed", "NaN"},
+		{"run", "-backend", "replay", "-trace", "x", "-speed", "1e300"},
+		{"replay", "-speed", "-1", "x"},
 		{"run", "-backend", "kvm", "-vms", "2000"},
 		{"run", "-backend", "qemu", "-guests", "0"},
 		{"run", "-backend", "qemu", "-guests", "1025"},

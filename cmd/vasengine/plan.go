@@ -92,10 +92,10 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return usagef("-headroom %v: must be in [0, 1)", f.headroom)
 	case f.vcpus < 1 || f.vms < 1:
 		return usagef("-vcpus and -vms must be at least 1")
-	case !(f.vmRate > 0):
-		return usagef("-vm-rate %v: must be positive", f.vmRate)
-	case f.vmBurst < 0:
-		return usagef("-vm-burst %v: must not be negative", f.vmBurst)
+	case !(f.vmRate > 0) || !finite(f.vmRate):
+		return usagef("-vm-rate %v: must be a positive number", f.vmRate)
+	case !(f.vmBurst >= 0) || !finite(f.vmBurst):
+		return usagef("-vm-burst %v: must be a number, not negative", f.vmBurst)
 	case f.step <= 0:
 		return usagef("-step %v: must be positive", f.step)
 	case f.tracePath != "" && f.promPath != "":

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/signal"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -76,17 +75,16 @@ type session struct {
 
 // outcome is what the work did, for the summary and the exit status.
 type outcome struct {
-	setupErr        error // before the backend ran (usage errors among them)
-	backendStart    time.Time
-	backendEnd      time.Time // zero: the backend did not return
-	backendErr      error
-	aborted         bool // the engine was closed under the backend
-	drainEnd        time.Time
-	drained         bool
-	traceErr        error
-	traceDone       bool // the trace was written and renamed into place
-	profErr         error
-	refusedAfterEnd uint64
+	setupErr     error // before the backend ran (usage errors among them)
+	backendStart time.Time
+	backendEnd   time.Time // zero: the backend did not return
+	backendErr   error
+	aborted      bool // the engine was closed under the backend
+	drainEnd     time.Time
+	drained      bool
+	traceErr     error
+	traceDone    bool // the trace was written and renamed into place
+	profErr      error
 }
 
 var errStopped = errors.New("stopped")
@@ -449,7 +447,6 @@ type abortHost struct {
 	e      *engine.Engine
 	ctx    context.Context
 	cancel context.CancelFunc
-	after  atomic.Uint64
 }
 
 func newAbortHost(h engine.Host, e *engine.Engine) *abortHost {
