@@ -32,14 +32,14 @@ const (
 	// calls in progress are cancelled; it has until then to return.
 	abortBackend = 450 * time.Millisecond
 	// drainBy: the engine processes what is queued.
-	drainBy = 550 * time.Millisecond
+	drainBy = 520 * time.Millisecond
 	// finishBy: the trace and the profiles are written.
-	finishBy = 650 * time.Millisecond
+	finishBy = 600 * time.Millisecond
 	// hardDeadline: whatever has not finished is abandoned, and the
 	// summary printed says what. The rest of the second is for the summary
 	// and the process's exit (freeing a large heap takes the kernel a
 	// while, and a busy 2-CPU host delays everything).
-	hardDeadline = 750 * time.Millisecond
+	hardDeadline = 650 * time.Millisecond
 )
 
 // session is one run of the engine against a backend (run, record, replay).
