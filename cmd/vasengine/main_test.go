@@ -335,6 +335,9 @@ func TestPrometheusScrape(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	// Prometheus scrapes every second: query again at each of its scrapes.
+	scrapes := time.NewTicker(500 * time.Millisecond)
+	defer scrapes.Stop()
 	for _, c := range checks {
 		for {
 			if v, ok := query(c.q); ok && c.ok(v) {
@@ -344,7 +347,10 @@ func TestPrometheusScrape(t *testing.T) {
 				v, ok := query(c.q)
 				t.Fatalf("Prometheus query %q: got %v (%v) within 60 s\nprometheus: %s\nvasengine: %s", c.q, v, ok, promErr.String(), runErr.String())
 			}
-			time.Sleep(500 * time.Millisecond)
+			select {
+			case <-scrapes.C:
+			case <-ctx.Done():
+			}
 		}
 	}
 	if err := run.Process.Signal(syscall.SIGINT); err != nil {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +17,8 @@ import (
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/sim"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
 )
 
 // benchTxt is a saved `go test -bench ./bench/` output (trimmed).
@@ -98,8 +101,14 @@ func TestPlanProm(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx, e, backends.Request{Monitored: backends.DefaultMonitored}) }()
-	time.Sleep(300 * time.Millisecond)
+	// Snapshot once every VM has submitted events (not after a sleep).
+	h := &eventsHost{Host: e, want: 100, vms: 3, ready: make(chan struct{}), seen: map[vasmon.VMID]int{}}
+	go func() { done <- s.Run(ctx, h, backends.Request{Monitored: backends.DefaultMonitored}) }()
+	select {
+	case <-h.ready:
+	case err := <-done:
+		t.Fatalf("the simulation ended first: %v", err)
+	}
 	mfs, err := reg.Gather()
 	cancel()
 	<-done
@@ -254,4 +263,29 @@ func TestPlanNoPlotUnlessAsked(t *testing.T) {
 	if code, _, stderr := runMain("plan", "-from-report", report, "-vm-rate", "1000", "-vm-burst", "100", "-mem", "1GiB", "-plot", "/dev/full"); code != 1 || !strings.Contains(stderr, "-plot") {
 		t.Fatalf("-plot /dev/full: exit %d, %q", code, stderr)
 	}
+}
+
+// eventsHost closes ready once vms VMs have each submitted want events.
+type eventsHost struct {
+	engine.Host
+	want, vms int
+	mu        sync.Mutex
+	seen      map[vasmon.VMID]int
+	ready     chan struct{}
+	closed    bool
+}
+
+func (h *eventsHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
+	n, err := h.Host.Submit(vm, evs)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.seen[vm] < h.want && h.seen[vm]+n >= h.want {
+		h.vms--
+	}
+	h.seen[vm] += n
+	if h.vms == 0 && !h.closed {
+		h.closed = true
+		close(h.ready)
+	}
+	return n, err
 }
