@@ -145,6 +145,7 @@ type summary struct {
 	Errors       []string   `json:"errors"`
 
 	backendLines []string
+	ran          time.Duration // from the backend's start to the drain's end (or now)
 	failErr      error
 	noEngine     bool
 }
@@ -303,6 +304,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	if o.backendStart.IsZero() {
 		ran = 0
 	}
+	sum.ran = ran
 	sum.Events = sumEvents{Submitted: st.Submitted, Processed: st.Processed, Rejected: st.Rejected}
 	if st.Submitted > st.Processed+st.Rejected {
 		sum.Events.Unprocessed = st.Submitted - st.Processed - st.Rejected
@@ -411,11 +413,7 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		row(tw, "total", tot, time.Duration(sum.Latency.P50), time.Duration(sum.Latency.P99))
 		tw.Flush()
 		ev := sum.Events
-		secs := 0.0
-		if ev.PerSecond > 0 {
-			secs = float64(ev.Processed) / ev.PerSecond
-		}
-		fmt.Fprintf(ew, "\n%s events in %.1fs: %s events/s; submitted %d = processed %d + rejected %d", si(float64(ev.Processed)), secs,
+		fmt.Fprintf(ew, "\n%s events in %.1fs: %s events/s; submitted %d = processed %d + rejected %d", si(float64(ev.Processed)), sum.ran.Seconds(),
 			si(ev.PerSecond), ev.Submitted, ev.Processed, ev.Rejected)
 		if ev.Unprocessed > 0 {
 			fmt.Fprintf(ew, " + unprocessed %d (the drain was cut short)", ev.Unprocessed)
