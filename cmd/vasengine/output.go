@@ -122,22 +122,35 @@ func (o *outFile) Commit() error {
 	if cerr := o.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("%s %s: %w", o.flag, o.path, cerr)
 	}
-	if err == nil {
-		if o.noClobber {
-			// link fails if the name was taken meanwhile; rename would replace it.
-			if lerr := os.Link(o.tmp, o.path); lerr != nil {
-				err = fmt.Errorf("%s: %w", o.flag, lerr)
-			}
-		} else if rerr := os.Rename(o.tmp, o.path); rerr != nil {
-			err = fmt.Errorf("%s: %w", o.flag, rerr)
-		}
+	if err != nil {
+		os.Remove(o.tmp) // the data is incomplete
+		o.err = err
+		return err
 	}
-	os.Remove(o.tmp) // after a link, or after an error
+	if o.noClobber {
+		// link fails if the name was taken meanwhile, where rename would
+		// replace it; a file system without hard links gets a rename after
+		// a check (racy, but only there).
+		if lerr := os.Link(o.tmp, o.path); lerr == nil {
+			os.Remove(o.tmp)
+		} else if os.IsExist(lerr) || fileExists(o.path) {
+			err = fmt.Errorf("%s %s: the file appeared meanwhile; the data is kept in %s", o.flag, o.path, o.tmp)
+		} else if rerr := os.Rename(o.tmp, o.path); rerr != nil {
+			err = fmt.Errorf("%s: %w; the data is kept in %s", o.flag, rerr, o.tmp)
+		}
+	} else if rerr := os.Rename(o.tmp, o.path); rerr != nil {
+		err = fmt.Errorf("%s: %w; the data is kept in %s", o.flag, rerr, o.tmp)
+	}
 	if err == nil {
 		err = syncDir(filepath.Dir(o.path))
 	}
 	o.err = err
 	return err
+}
+
+func fileExists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
 
 // Abort closes and removes the temporary file.
