@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
 )
 
 func runMain(args ...string) (int, string, string) {
@@ -141,6 +144,42 @@ func TestEngineVMLimit(t *testing.T) {
 	defer e.Close()
 	if e.Config().MaxVMs != maxVMs {
 		t.Fatalf("engine MaxVMs %d, the command checks %d", e.Config().MaxVMs, maxVMs)
+	}
+}
+
+// TestCPUsPin: -cpus pins the shard workers to those CPUs (the engine
+// leaves them unpinned unless Config.Pin); without it they are unpinned.
+func TestCPUsPin(t *testing.T) {
+	allowed, err := shard.AllowedCPUs()
+	if err != nil || len(allowed) == 0 {
+		t.Skipf("no allowed CPU set: %v", err)
+	}
+	for _, args := range [][]string{nil, {"-cpus", strconv.Itoa(allowed[0])}} {
+		var f engineFlags
+		fs := flag.NewFlagSet("run", flag.ContinueOnError)
+		f.register(fs)
+		if err := fs.Parse(append(args, "-shards", "1")); err != nil {
+			t.Fatal(err)
+		}
+		c, err := f.config()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := args != nil; c.Pin != want || want && !slices.Equal(c.CPUs, allowed[:1]) {
+			t.Fatalf("%v: Pin %v, CPUs %v", args, c.Pin, c.CPUs)
+		}
+		e, err := engine.New(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cpu, pinErrs := e.Shards()[0].CPU(), e.PinErrors()
+		e.Close()
+		switch {
+		case args == nil && cpu != -1:
+			t.Fatalf("no -cpus: the worker is pinned to CPU %d", cpu)
+		case args != nil && cpu != allowed[0] && len(pinErrs) == 0:
+			t.Fatalf("%v: the worker is pinned to CPU %d, want %d", args, cpu, allowed[0])
+		}
 	}
 }
 

@@ -39,7 +39,7 @@ type engineFlags struct {
 func (f *engineFlags) register(fs *flag.FlagSet) {
 	allowed, _ := shard.AllowedCPUs()
 	fs.IntVar(&f.shards, "shards", max(1, len(allowed)), fmt.Sprintf("number of shards (default: one per CPU this process may use; at most %d per CPU and %d)", shardsPerCPU, maxShards))
-	fs.StringVar(&f.cpus, "cpus", "", "host CPUs to pin shard workers to, e.g. 0-3,6 (default: the allowed set)")
+	fs.StringVar(&f.cpus, "cpus", "", "host CPUs to pin shard workers to, round robin, e.g. 0-3,6 (default: unpinned; pinning pays only on CPUs kept free for the engine)")
 	fs.IntVar(&f.batch, "batch", 256, "most events a worker drains per batch (at most -queue-depth)")
 	fs.IntVar(&f.queue, "queue-depth", 1<<14, "events per shard ingest queue (2..16777216; all queues within half the memory available)")
 	fs.DurationVar(&f.budget, "budget", 20*time.Microsecond, "trap-to-callback latency budget")
@@ -97,7 +97,7 @@ func (f *engineFlags) config() (engine.Config, error) {
 				return c, usagef("-cpus: CPU %d is not in the set this process may use (%v)", cpu, allowed)
 			}
 		}
-		c.CPUs = cpus
+		c.CPUs, c.Pin = cpus, true
 	}
 	return c, nil
 }
