@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -427,7 +428,7 @@ func TestMetricsOut(t *testing.T) {
 		t.Fatalf("engine labels %v", want)
 	}
 	for _, name := range []string{"vasengine_vm_callback_latency_seconds", "vasengine_vm_hooked_tables", "vasengine_vm_callbacks_total"} {
-		if got := labels(name); len(got) != len(want) {
+		if got := labels(name); !maps.Equal(got, want) {
 			t.Errorf("%s: labels %v, the engine's %v", name, got, want)
 		}
 	}

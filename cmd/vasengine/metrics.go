@@ -15,21 +15,15 @@ import (
 )
 
 // vmCollector exports per-VM latency, callbacks and table counts next to
-// the engine's own per-VM series, with the same label cap: the VMs the
-// engine labels in vasengine_vm_events_submitted_total (its first
-// Config.MaxVMLabels counter slots) get their own vm label, the others are
-// summed as vm="other". The label set is read from the engine's collector
-// itself, so the two always agree.
+// the engine's own per-VM series, with the same label cap: a VM in one of
+// the engine's first Config.MaxVMLabels counter slots (VMStats.Slot) gets
+// its own vm label, the others are summed as vm="other", as the engine
+// does for vasengine_vm_events_submitted_total.
 type vmCollector struct {
-	e   *engine.Engine
-	own *prometheus.Registry // the engine's collector alone
+	e *engine.Engine
 }
 
-func newVMCollector(e *engine.Engine) *vmCollector {
-	own := prometheus.NewRegistry()
-	_ = e.Register(own)
-	return &vmCollector{e: e, own: own}
-}
+func newVMCollector(e *engine.Engine) *vmCollector { return &vmCollector{e: e} }
 
 var (
 	dVMLatency = prometheus.NewDesc("vasengine_vm_callback_latency_seconds",
@@ -52,21 +46,7 @@ func (c *vmCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
-	labelled := map[string]bool{}
-	if mfs, err := c.own.Gather(); err == nil {
-		for _, mf := range mfs {
-			if mf.GetName() != "vasengine_vm_events_submitted_total" {
-				continue
-			}
-			for _, m := range mf.Metric {
-				for _, l := range m.Label {
-					if l.GetName() == "vm" {
-						labelled[l.GetValue()] = true
-					}
-				}
-			}
-		}
-	}
+	labels := c.e.Config().MaxVMLabels
 	type acc struct {
 		lat                    [64]uint64
 		callbacks, over        uint64
@@ -75,9 +55,9 @@ func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
 	byLabel := map[string]*acc{}
 	var order []string
 	for _, v := range c.e.Stats().PerVM {
-		id := strconv.FormatUint(uint64(v.ID), 10)
-		if !labelled[id] {
-			id = "other" // the engine sums removed VMs there too
+		id := "other" // the engine sums there the VMs of slots reused too
+		if v.Slot < labels {
+			id = strconv.FormatUint(uint64(v.ID), 10)
 		}
 		a := byLabel[id]
 		if a == nil {
