@@ -143,6 +143,14 @@ func (b *replayBackend) run(ctx context.Context, host engine.Host, req backends.
 	b.mu.Lock()
 	b.sum, b.took = sum, time.Since(b.started)
 	b.mu.Unlock()
+	// A trace that ended: its events still queued are processed while
+	// their roots are monitored (RemoveVM would leave them untracked, and a
+	// short trace's kinds would be mostly "untracked").
+	if s, ok := host.(interface{ Sync(context.Context) error }); ok && err == nil {
+		if serr := s.Sync(ctx); serr != nil && !isInterrupt(serr) {
+			err = fmt.Errorf("replay: waiting for the engine: %w", serr)
+		}
+	}
 	// The VMs the trace left registered are removed (their roots stopped,
 	// their mappings reported removed), also after an interrupt: the host
 	// cancels these calls if the stop takes too long.

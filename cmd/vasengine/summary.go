@@ -139,6 +139,7 @@ type summary struct {
 	Panics       uint64     `json:"callback_panics"`
 	Latency      sumLatency `json:"latency_ns"`
 	Tables       sumTables  `json:"tables"`
+	Guest        sumGuest   `json:"guest_memory"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -212,6 +213,15 @@ type sumTables struct {
 	BytesPerTable int64  `json:"bytes_per_table"`
 	Hooks         uint64 `json:"hooks"`
 	Unhooks       uint64 `json:"unhooks"`
+}
+
+// sumGuest counts what the engine did because guest memory moved on while
+// its events were queued (SEMANTICS.md section 6, "No phantoms").
+type sumGuest struct {
+	StaleWrites    uint64 `json:"stale_writes"`
+	StaleReads     uint64 `json:"stale_reads"`
+	Resyncs        uint64 `json:"resyncs"`
+	ExpiredPartial uint64 `json:"expired_partial"`
 }
 
 type sumVM struct {
@@ -325,6 +335,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 		peakTabs, peakBytes = st.Tables, st.HostBytes
 	}
 	sum.Tables = sumTables{Peak: peakTabs, PeakHostBytes: peakBytes, Hooks: st.Hooks, Unhooks: st.Unhooks}
+	sum.Guest = sumGuest{StaleWrites: st.StaleWrites, StaleReads: st.StaleReads, Resyncs: st.Resyncs, ExpiredPartial: st.Expired}
 	if peakTabs > 0 {
 		sum.Tables.BytesPerTable = peakBytes / peakTabs
 	}
@@ -427,6 +438,10 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		fmt.Fprintf(ew, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
 			t.Peak, bytesStr(t.PeakHostBytes), t.BytesPerTable, t.Hooks, t.Unhooks,
 			float64(t.Hooks+t.Unhooks)/float64(max(1, ev.Processed)), sum.Config.Shards, sum.Panics)
+		if g := sum.Guest; g != (sumGuest{}) {
+			fmt.Fprintf(ew, "guest memory ahead of the queues: %d writes dropped (a later read of their page held them), %d tables no longer linked when read (not reported), %d pages read again (a value no longer in memory), %d partial writes ended by their timeout\n",
+				g.StaleWrites, g.StaleReads, g.Resyncs, g.ExpiredPartial)
+		}
 		for _, l := range sum.backendLines {
 			fmt.Fprintln(ew, l)
 		}
