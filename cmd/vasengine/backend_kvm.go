@@ -69,7 +69,11 @@ func (b *kvmBackend) describe() string {
 	for _, m := range b.cfg.Modes {
 		modes = append(modes, m.String())
 	}
-	return fmt.Sprintf("%d KVM guests (%s; %d vCPUs each, %s mode)", b.cfg.VMs, strings.Join(modes, ", "), b.cfg.VCPUs, b.cfg.Mode)
+	vcpus := "vCPUs"
+	if b.cfg.VCPUs == 1 {
+		vcpus = "vCPU"
+	}
+	return fmt.Sprintf("%d KVM guests (%s; %d %s each, %s mode)", b.cfg.VMs, strings.Join(modes, ", "), b.cfg.VCPUs, vcpus, b.cfg.Mode)
 }
 
 func (b *kvmBackend) prepare(context.Context) error { return nil }
