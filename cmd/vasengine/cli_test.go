@@ -21,8 +21,10 @@ import (
 	"github.com/vasengine/vasengine/vasmon"
 )
 
-// writeTrace writes a hand-made trace of recs to a file.
-func writeTrace(t *testing.T, recs ...trace.Record) string {
+// encodeTrace encodes a hand-made trace of recs. ended: with its End
+// record; else the bytes a recorder still running has written out: every
+// record, in whole blocks, and no End record (a reader waits for more).
+func encodeTrace(t *testing.T, ended bool, recs ...trace.Record) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	w, err := trace.NewWriter(&buf, trace.Header{})
@@ -34,10 +36,22 @@ func writeTrace(t *testing.T, recs ...trace.Record) string {
 			t.Fatal(err)
 		}
 	}
+	if !ended {
+		if err := w.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		return bytes.Clone(buf.Bytes())
+	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return writeFile(t, "hand.trace", buf.String())
+	return buf.Bytes()
+}
+
+// writeTrace writes a hand-made trace of recs to a file.
+func writeTrace(t *testing.T, recs ...trace.Record) string {
+	t.Helper()
+	return writeFile(t, "hand.trace", string(encodeTrace(t, true, recs...)))
 }
 
 // aliasPage is a table page whose first n entries all point to next.
@@ -55,19 +69,20 @@ func aliasPage(gpa, next uint64, n int) trace.Record {
 // all pointing to one PD, whose 512 entries all point to one page table,
 // whose 512 entries map one page. The root's 65,536 hooked tables map
 // 33.5 M pages, each reported by a callback. 9.4 KB, valid checksums.
-func aliasBomb(t *testing.T) string {
-	return writeTrace(t,
-		trace.Record{Kind: trace.KindVMAdd, VM: 1, RAM: 16 << 20},
+func aliasBomb(t *testing.T) string { return writeTrace(t, aliasBombRecords()...) }
+
+func aliasBombRecords() []trace.Record {
+	return []trace.Record{{Kind: trace.KindVMAdd, VM: 1, RAM: 16 << 20},
 		aliasPage(0x1000, 0x2000, 1),
 		aliasPage(0x2000, 0x3000, 128),
 		aliasPage(0x3000, 0x4000, 512),
 		aliasPage(0x4000, 0x5000, 512),
-		trace.Record{Kind: trace.KindRootStart, VM: 1, CR3: 0x1000, Mode: vasmon.Mode4, Monitored: ^uint64(0)},
-	)
+		{Kind: trace.KindRootStart, VM: 1, CR3: 0x1000, Mode: vasmon.Mode4, Monitored: ^uint64(0)},
+	}
 }
 
-// slowTrace is a trace whose events are slow to process but cost little
-// memory: vms VMs, each with a 4-level root whose PDPT starts empty, then
+// slowRecords are a trace whose events are slow to process but cost little
+// memory: vms VMs from first, each with a 4-level root whose PDPT starts empty, then
 // 127 events per VM (interleaved) that each link one more PDPT entry to a
 // PD whose 512 entries all point to one page table of 512 leaves (the
 // aliasBomb's tables): each event hooks 513 tables and reports 262,144
@@ -75,10 +90,11 @@ func aliasBomb(t *testing.T) string {
 // shard processes a VM's links in one to two seconds. Each entry is
 // written once, so no later write makes an earlier one moot. pad cheap
 // events follow (8-byte stores to a page that is no table).
-func slowTrace(t *testing.T, vms, pad int) string {
+func slowRecords(first vasmon.VMID, vms, pad int) []trace.Record {
 	const flags = vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+	last := first + vasmon.VMID(vms) - 1
 	var recs []trace.Record
-	for v := vasmon.VMID(1); v <= vasmon.VMID(vms); v++ {
+	for v := first; v <= last; v++ {
 		recs = append(recs, trace.Record{Kind: trace.KindVMAdd, VM: v, RAM: 16 << 20})
 		for _, p := range []trace.Record{aliasPage(0x1000, 0x2000, 1), aliasPage(0x3000, 0x4000, 512), aliasPage(0x4000, 0x5000, 512)} {
 			p.VM = v
@@ -87,14 +103,14 @@ func slowTrace(t *testing.T, vms, pad int) string {
 		recs = append(recs, trace.Record{Kind: trace.KindRootStart, VM: v, CR3: 0x1000, Mode: vasmon.Mode4, Monitored: ^uint64(0)})
 	}
 	for i := uint64(0); i < 127; i++ {
-		for v := vasmon.VMID(1); v <= vasmon.VMID(vms); v++ {
+		for v := first; v <= last; v++ {
 			recs = append(recs, trace.Record{Kind: trace.KindEvent, VM: v, GPA: 0x2000 + 8*i, Size: 8, Data: 0x3000 | flags})
 		}
 	}
 	for i := 0; i < pad; i++ {
-		recs = append(recs, trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x100000 + 8*uint64(i%4096), Size: 8, Data: uint64(i)})
+		recs = append(recs, trace.Record{Kind: trace.KindEvent, VM: first, GPA: 0x100000 + 8*uint64(i%4096), Size: 8, Data: uint64(i)})
 	}
-	return writeTrace(t, recs...)
+	return recs
 }
 
 // TestRecordRefusesItsInput: record never writes over what it reads (the
@@ -191,18 +207,17 @@ var endedRe = regexp.MustCompile(`(?m)^ended: (.*)$`)
 // -duration, with a summary that says it was interrupted (issue 13 item 3).
 // The processes are real; the test waits on their output.
 //
-// The hostile cases replay the aliased trace (33.5 M callbacks from four
+// The hostile case replays the aliased trace (33.5 M callbacks from four
 // tables) on one shard: the engine buffers its callbacks in bounded
 // chunks (issue 11 item 4), so its memory, and with it the collector's
 // stalls and the kernel's teardown at exit, stay small. The signal lands
-// after the root is hooked, or while engine.Start still hooks its 65,536
+// once the root is hooked, or while engine.Start still hooks its 65,536
 // tables on a loaded host (then Start does not return on the cancel, the
 // engine is closed under the backend and the drain is cut: exit 1).
 func TestStopWithinOneSecond(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: subprocess runs skipped")
 	}
-	bomb := aliasBomb(t)
 	// 381 slow events (three seconds or more of work for one shard) and
 	// 20,000 cheap ones fit in a queue of 65,536; fed through a pipe that
 	// then stays open (the feed is larger than the pipe's buffer, so the
@@ -211,18 +226,22 @@ func TestStopWithinOneSecond(t *testing.T) {
 	// holding seconds of work. Every entry the slow events link is
 	// written once, so the engine cannot fold them (a later value in
 	// guest memory would make an earlier event's work moot).
-	slow, err := os.ReadFile(slowTrace(t, 3, 20000))
-	if err != nil {
-		t.Fatal(err)
-	}
-	slow = slow[:len(slow)-100]
+	slow := encodeTrace(t, false, slowRecords(1, 3, 20000)...)
+	// The aliased trace, fed through a pipe left open: once its root is
+	// hooked the replay waits for more, and the stop unhooks the root's
+	// 65,536 tables and reports its 33.5 M mappings removed.
+	bombFeed := encodeTrace(t, false, aliasBombRecords()...)
+	// The aliased trace followed by seconds of slow events: the signal
+	// lands while the replay runs, its hostile root hooked or being hooked
+	// (or, the stop's RemoveVM, being unhooked).
+	bombLong := writeTrace(t, append(aliasBombRecords(), slowRecords(2, 3, 0)...)...)
 	// The limit is 1 s; the process's own exit and the pipe add a little.
 	const limit = time.Second + 150*time.Millisecond
 	for _, c := range []struct {
 		name  string
 		args  []string
 		wait  string // stderr line to wait for before the signal
-		feed  []byte // written to standard input (a pipe left open) before the signal
+		feed  []byte // written to standard input (a pipe left open) from the start; the signal waits for it
 		sig   syscall.Signal
 		code  int    // expected exit status (-1: any)
 		ended string // in the "ended:" line
@@ -233,7 +252,8 @@ func TestStopWithinOneSecond(t *testing.T) {
 		{"recording", []string{"record", "-o", filepath.Join(t.TempDir(), "r.trace"), "-duration", "1m", "-rate", "0"}, " events/s  p99", nil, syscall.SIGINT, 0, "interrupted by SIGINT"},
 		{"stdin that never speaks", []string{"replay", "-"}, "vasengine: replay:", nil, syscall.SIGINT, 1, "ABANDONED while setting up the backend"},
 		{"draining slow events", []string{"replay", "-shards", "1", "-queue-depth", "65536", "-"}, "vasengine: replay:", slow, syscall.SIGINT, 1, "the engine had not drained its queues"},
-		{"a hostile trace", []string{"replay", "-shards", "1", bomb}, " events/s  p99", nil, syscall.SIGINT, -1, "interrupted by SIGINT"},
+		{"a hostile trace's root (the replay waits for input)", []string{"replay", "-shards", "1", "-"}, " events/s  p99", bombFeed, syscall.SIGINT, -1, "interrupted by SIGINT"},
+		{"a hostile trace in a long replay", []string{"replay", "-shards", "1", bombLong}, " events/s  p99", nil, syscall.SIGINT, -1, "interrupted by SIGINT"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var stdin, feed *os.File
@@ -252,11 +272,23 @@ func TestStopWithinOneSecond(t *testing.T) {
 			} else {
 				p = start(t, nil, c.args...)
 			}
-			p.waitLine(c.wait, 60*time.Second)
+			fed := make(chan error, 1)
 			if c.feed != nil {
-				if _, err := feed.Write(c.feed); err != nil {
+				go func() {
+					_, err := feed.Write(c.feed)
+					fed <- err
+				}()
+			} else {
+				fed <- nil
+			}
+			p.waitLine(c.wait, 60*time.Second)
+			select {
+			case err := <-fed:
+				if err != nil {
 					t.Fatal(err)
 				}
+			case <-p.done:
+				t.Fatalf("%v: ended before it read its input: %v\nstderr:\n%s", c.args, p.err, p.errText())
 			}
 			at := p.signal(c.sig)
 			code, ended := p.wait(30 * time.Second)
