@@ -7,7 +7,7 @@
 // Write protection is a bitmap of guest pages in a shared-memory control
 // file: the Protector sets and clears bits exactly where an EPT write hook
 // would be set and cleared. A QEMU plugin (plugin/ptstore.c, built into
-// build/qemu/ptstore.so) tests every guest store to RAM against the bitmap
+// ptstore.so in the cache folder, DefaultDir) tests every guest store to RAM against the bitmap
 // and, for a store to a protected page, pushes one record per 8-byte entry
 // the store touched: the entry's address and its whole value read from guest
 // RAM after the store. The backend submits each record as a shard.Event of
@@ -73,7 +73,7 @@
 // socket (under /dev/shm), so several run at once. The guest is Debian's 6.1
 // cloud kernel with a busybox initramfs whose /init runs the workload named
 // on the kernel command line (guest/init; scripts/qemu-setup.sh builds all of
-// it into build/qemu).
+// it into the cache folder, DefaultDir: $XDG_CACHE_HOME/vasengine/qemu).
 package qemu
 
 import (
@@ -106,7 +106,8 @@ type Config struct {
 	VCPUs    int           // vCPUs per guest; 0: 1
 	FirstVM  vasmon.VMID   // VM IDs are FirstVM, FirstVM+1, ...; 0: 1
 
-	// Dir holds vmlinuz, initrd.gz and ptstore.so; "": DefaultDir().
+	// Dir holds vmlinuz, initrd.gz and ptstore.so; "": DefaultDir(), the
+	// user's cache folder.
 	Dir  string
 	QEMU string // the emulator binary; "": qemu-system-x86_64
 	// SampleEvery is the CR3 sampling period; 0: 20 ms.
@@ -176,27 +177,19 @@ func (c *Config) defaults() error {
 	return nil
 }
 
-// DefaultDir returns build/qemu under the module root (the first directory
-// upwards from the working directory that holds go.mod), or
-// $VASENGINE_QEMU_DIR if set.
+// DefaultDir returns the folder of the kernel, initramfs and plugin:
+// $VASENGINE_QEMU_DIR if set, else vasengine/qemu in the user's cache
+// folder ($XDG_CACHE_HOME, else $HOME/.cache), where scripts/qemu-setup.sh
+// puts them. It does not depend on the working directory.
 func DefaultDir() (string, error) {
 	if d := os.Getenv("VASENGINE_QEMU_DIR"); d != "" {
 		return d, nil
 	}
-	d, err := os.Getwd()
+	d, err := os.UserCacheDir()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("qemu: no cache folder (%v): set Config.Dir or VASENGINE_QEMU_DIR", err)
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			return filepath.Join(d, "build", "qemu"), nil
-		}
-		p := filepath.Dir(d)
-		if p == d {
-			return "", errors.New("qemu: no go.mod above the working directory: set Config.Dir")
-		}
-		d = p
-	}
+	return filepath.Join(d, "vasengine", "qemu"), nil
 }
 
 // Artifacts returns the paths of the kernel, initramfs and plugin in dir, or
@@ -205,7 +198,7 @@ func Artifacts(dir string) (kernel, initrd, plugin string, err error) {
 	kernel, initrd, plugin = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz"), filepath.Join(dir, "ptstore.so")
 	for _, p := range []string{kernel, initrd, plugin} {
 		if _, e := os.Stat(p); e != nil {
-			err = errors.Join(err, fmt.Errorf("qemu: %s missing (run scripts/qemu-setup.sh)", p))
+			err = errors.Join(err, fmt.Errorf("qemu: %s missing (scripts/qemu-setup.sh or `make qemu` puts it in %s)", p, dir))
 		}
 	}
 	return

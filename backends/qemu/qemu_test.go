@@ -58,7 +58,7 @@ func prepare() string {
 	}
 	// The script is idempotent and quick when everything is up to date; it
 	// rebuilds the initramfs and the plugin when their sources changed.
-	script := filepath.Join(dir, "..", "..", "scripts", "qemu-setup.sh")
+	script, _ := filepath.Abs(filepath.Join("..", "..", "scripts", "qemu-setup.sh")) // the test runs in backends/qemu
 	if _, err := os.Stat(script); err != nil {
 		if err := ready(); err != nil {
 			return fmt.Sprintf("%v, and no setup script at %s", err, script)
@@ -68,7 +68,7 @@ func prepare() string {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil && os.Geteuid() != 0 {
 		return "qemu-system-x86_64 is not installed and the tests are not root to apt-get it"
 	}
-	cmd := exec.Command("sh", script)
+	cmd := exec.Command("sh", script, dir)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Sprintf("%s failed: %v\n%s", script, err, out)
 	}

@@ -88,20 +88,45 @@ type Options struct {
 	Batch int
 }
 
-// Summary says what a replay did.
+// Summary says what a replay did. It accounts for every record of the
+// trace: Records == sum of Read == Applied + the skipped ones (SkippedNoVM,
+// SkippedNoRoot); Unknown records were skipped by the reader before that.
+// What reaches the host's Submit: Events + Synthetic, plus Retried in the
+// engine's non-blocking mode.
 type Summary struct {
-	Records   int64 // records applied
+	Records   int64 // records read (of known kinds)
+	Read      [NumKinds]int64
+	Applied   int64 // records applied to the host or to guest memory
 	Events    int64 // events of the trace submitted
 	Synthetic int64 // write events made up for pages hooked before their Page record
-	Pages     int64 // Page records applied
-	Skipped   int64 // records of a VM not registered (e.g. events that raced a RemoveVM)
-	VMs       int   // VMs added
-	Roots     int   // roots started
-	Bytes     int64 // trace bytes read
-	Span      time.Duration
-	Damage    error               // with Salvage: the damage that ended the trace early
-	Live      map[vasmon.VMID]*VM // VMs registered when Run returned
+	// SyntheticPages are the Page records that made synthetic events.
+	SyntheticPages int64
+	Retried        int64 // events submitted again after the host refused them (engine.ErrOverload)
+	Pages          int64 // Page records applied
+	// Skipped is every record skipped: SkippedNoVM (by kind: records of a
+	// VM not registered, e.g. events that raced a RemoveVM while recording)
+	// plus SkippedNoRoot (RootStop records of a root not started).
+	Skipped       int64
+	SkippedNoVM   [NumKinds]int64
+	SkippedNoRoot int64
+	// Unknown are records of kinds this reader does not know (a later
+	// minor version of the format), skipped by the reader.
+	Unknown int64
+	// TraceRecords is the record count of the trace's End record (0 if the
+	// replay did not reach it: damage, or ctx ended first); Complete says
+	// it was reached and checked.
+	TraceRecords int64
+	Complete     bool
+	VMs          int   // VMs added
+	Roots        int   // roots started
+	Bytes        int64 // trace bytes read
+	Span         time.Duration
+	Damage       error               // with Salvage: the damage that ended the trace early
+	Live         map[vasmon.VMID]*VM // VMs registered when Run returned
 }
+
+// NumKinds sizes the per-kind counts of a Summary (indexed by trace.Kind).
+const NumKinds = int(trace.KindEvent) + 1
 
 // VM is a replayed guest.
 type VM struct {
@@ -124,7 +149,6 @@ type player struct {
 	bvm   vasmon.VMID
 	old   [trace.PageSize]byte
 
-	paced     bool
 	t0, check int64
 	w0        time.Time
 }
@@ -132,11 +156,18 @@ type player struct {
 // Run replays the trace read from r into host until its end, the first error
 // or ctx's end, and returns what it did (also on error).
 func Run(ctx context.Context, host engine.Host, r io.Reader, opts Options) (*Summary, error) {
-	sum := &Summary{Live: make(map[vasmon.VMID]*VM)}
 	tr, err := trace.NewReader(r, trace.ReaderOptions{Salvage: opts.Salvage})
 	if err != nil {
-		return sum, err
+		return &Summary{Live: make(map[vasmon.VMID]*VM)}, err
 	}
+	return RunReader(ctx, host, tr, opts)
+}
+
+// RunReader is Run on a trace whose header was read already (tr's
+// ReaderOptions.Salvage stands for Options.Salvage). It reads tr to its end;
+// the caller may read tr's header in advance, from a pipe too.
+func RunReader(ctx context.Context, host engine.Host, tr *trace.Reader, opts Options) (*Summary, error) {
+	sum := &Summary{Live: make(map[vasmon.VMID]*VM)}
 	if opts.Batch <= 0 {
 		opts.Batch = 256
 	}
@@ -147,12 +178,16 @@ func Run(ctx context.Context, host engine.Host, r io.Reader, opts Options) (*Sum
 		opts.Request.Callback = func(any, uint64, uint64, uint64, uint64) {}
 	}
 	p := &player{ctx: ctx, host: host, opts: opts, sum: sum, tr: tr, batch: make([]shard.Event, 0, opts.Batch)}
-	err = p.run()
+	err := p.run()
 	if ferr := p.flush(); err == nil {
 		err = ferr
 	}
 	sum.Bytes = tr.Bytes()
 	sum.Damage = tr.Damage()
+	sum.Unknown = int64(tr.Unknown())
+	if sum.Complete = tr.Ended(); sum.Complete {
+		sum.TraceRecords = int64(tr.Records())
+	}
 	return sum, err
 }
 
@@ -180,10 +215,17 @@ func (p *player) run() error {
 				return err
 			}
 		}
-		if err := p.apply(rec); err != nil {
+		p.sum.Records++
+		if int(rec.Kind) < NumKinds {
+			p.sum.Read[rec.Kind]++
+		}
+		applied, err := p.apply(rec)
+		if err != nil {
 			return fmt.Errorf("replay: %v record at offset %d: %w", rec.Kind, p.tr.Offset(), err)
 		}
-		p.sum.Records++
+		if applied {
+			p.sum.Applied++
+		}
 	}
 }
 
@@ -208,11 +250,25 @@ func (p *player) pace(t int64) error {
 	}
 }
 
-func (p *player) apply(rec *trace.Record) error {
+// apply applies a record; false: it was skipped (counted).
+func (p *player) apply(rec *trace.Record) (bool, error) {
+	err := p.applyErr(rec)
+	if err == errSkipped {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+var errSkipped = errors.New("skipped")
+
+func (p *player) applyErr(rec *trace.Record) error {
 	v := p.sum.Live[rec.VM]
 	if v == nil && rec.Kind != trace.KindVMAdd {
 		p.sum.Skipped++
-		return nil
+		if int(rec.Kind) < NumKinds {
+			p.sum.SkippedNoVM[rec.Kind]++
+		}
+		return errSkipped
 	}
 	switch rec.Kind {
 	case trace.KindEvent:
@@ -275,7 +331,8 @@ func (p *player) apply(rec *trace.Record) error {
 		root := v.Roots[rec.CR3]
 		if root == nil {
 			p.sum.Skipped++
-			return nil
+			p.sum.SkippedNoRoot++
+			return errSkipped
 		}
 		delete(v.Roots, rec.CR3)
 		if err := p.host.Stop(p.ctx, root); err != nil {
@@ -300,6 +357,7 @@ func (p *player) page(v *VM, gpa uint64, data []byte) error {
 	if !v.prot.has(gpa) {
 		return nil
 	}
+	p.sum.SyntheticPages++
 	for i := 0; i < trace.PageSize; i += 8 {
 		o, n := binary.LittleEndian.Uint64(p.old[i:]), binary.LittleEndian.Uint64(data[i:])
 		if o != n {
@@ -342,6 +400,7 @@ func (p *player) flush() error {
 		if !errors.Is(err, engine.ErrOverload) {
 			return fmt.Errorf("submit to VM %d: %w", p.bvm, err)
 		}
+		p.sum.Retried += int64(len(b))
 		select {
 		case <-p.ctx.Done():
 			return p.ctx.Err()

@@ -568,6 +568,15 @@ func TestReplayPageAfterHook(t *testing.T) {
 	if p.sum.Synthetic != 1 || p.sum.Skipped != 1 || p.sum.Pages != 3 {
 		t.Fatalf("summary %+v", p.sum)
 	}
+	// Every record is accounted for: 6 in the trace (the End record says
+	// so), 5 applied, the event of VM 9 skipped; one Page record made the
+	// synthetic event.
+	s := p.sum
+	if !s.Complete || s.TraceRecords != 6 || s.Records != 6 || s.Applied != 5 || s.Applied+s.Skipped != s.Records ||
+		s.Read[trace.KindPage] != 3 || s.Read[trace.KindEvent] != 1 || s.SkippedNoVM[trace.KindEvent] != 1 ||
+		s.SkippedNoRoot != 0 || s.SyntheticPages != 1 || s.Unknown != 0 || s.Events != 0 {
+		t.Fatalf("accounting %+v", s)
+	}
 	r := p.roots[rootKey{1, 0x1000}]
 	if r.Monitored != vasmon.BitRW|vasmon.BitP || r.Ctx.(*backends.RootInfo).Name != "init" {
 		t.Fatalf("root monitored %#x, context %+v", r.Monitored, r.Ctx)
