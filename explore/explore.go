@@ -330,10 +330,10 @@ func (v *vmState) start(i int) error {
 	}
 	r, err := v.w.e.Start(context.Background(), v.id, v.cr3s[i], v.mode, monitored, rs.callback, rs, opts)
 	if err != nil {
-		return fmt.Errorf("Start VM %d root %d: %w", v.id, i, err)
+		return fmt.Errorf("start VM %d root %d: %w", v.id, i, err)
 	}
 	if rs.calls != 0 {
-		return fmt.Errorf("Start VM %d root %d reported %d callbacks", v.id, i, rs.calls)
+		return fmt.Errorf("start of VM %d root %d reported %d callbacks", v.id, i, rs.calls)
 	}
 	m, err := vasmontest.Walk(v.g.Mem, vasmontest.WalkParams{CR3: v.cr3s[i], Mode: v.mode, Monitored: monitored})
 	if err != nil {
