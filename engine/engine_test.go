@@ -308,7 +308,6 @@ func TestEquivalence(t *testing.T) {
 	}
 }
 
-
 // TestStartStopUnderTraffic starts and stops roots and adds and removes VMs
 // while producers submit, then checks the accounting and that every page
 // protection was released.
