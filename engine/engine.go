@@ -105,6 +105,11 @@ type Config struct {
 	// PendingTimeout ends a partial write whose first chunk was trapped
 	// this long before a later event of its shard; 0: 1 ms.
 	PendingTimeout time.Duration
+	// Flood is the write-flood policy of the shards' stores: a page of
+	// level-1 tables written faster than a threshold is read now and then
+	// instead of trapped (vasmon.FloodPolicy; the zero value is the
+	// default, Writes < 0 turns it off).
+	Flood vasmon.FloodPolicy
 	// OnPanic is told of each recovered callback panic; nil logs nothing.
 	OnPanic func(root *vasmon.Root, v any)
 	// Driver, if set, runs the engine deterministically: no worker
@@ -275,7 +280,7 @@ func New(cfg Config) (*Engine, error) {
 		}
 		e.shards = append(e.shards, shard.New(shard.Config{ID: i, CPU: cpu, QueueDepth: cfg.QueueDepth,
 			MaxBatch: cfg.MaxBatch, Budget: cfg.Budget, MaxSlots: cfg.MaxVMs, Spin: cfg.Spin,
-			PendingTimeout: cfg.PendingTimeout}, sink{e}))
+			PendingTimeout: cfg.PendingTimeout, Flood: cfg.Flood}, sink{e}))
 	}
 	e.reshare(0)
 	if cfg.Driver == nil {
@@ -979,13 +984,15 @@ func (e *Engine) Sync(ctx context.Context) error {
 	if e.reentrant() {
 		return ErrReentrant
 	}
-	for {
+	for round := 0; ; round++ {
 		if err := e.poll(ctx, e.idle); err != nil {
 			return err
 		}
 		sent := false
 		for _, s := range e.shards {
-			if s.C.Partial.Load() > 0 || s.C.Dirty.Load() > 0 || s.C.Retrying.Load() > 0 {
+			// (Flooded pages are read once per Sync: they would always
+			// have something to read.)
+			if s.C.Partial.Load() > 0 || s.C.Dirty.Load() > 0 || s.C.Retrying.Load() > 0 || round == 0 && s.C.Polled.Load() > 0 {
 				s.Send(shard.Msg{Op: shard.MsgFlush, Trap: shard.Now()})
 				sent = true
 			}

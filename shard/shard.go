@@ -39,6 +39,8 @@ type Config struct {
 	// PendingTimeout ends a partial write whose first chunk was trapped
 	// this long before a later event of the shard (vasmon).
 	PendingTimeout time.Duration
+	// Flood is the store's write-flood policy (vasmon.FloodPolicy).
+	Flood vasmon.FloodPolicy
 }
 
 // Counters of one shard, readable at any time. They are published by the
@@ -68,6 +70,9 @@ type Counters struct {
 	BatchSum    atomic.Uint64
 	Steals      atomic.Uint64 // steps run by another thread than the shard's worker
 	SpinNs      atomic.Int64  // time the worker spent polling its idle queue, ns
+	Floods      atomic.Uint64 // pages found flooded (vasmon.FloodPolicy)
+	Polls       atomic.Uint64 // reads of flooded pages
+	Polled      atomic.Int64  // pages flooded now
 }
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
@@ -220,6 +225,7 @@ func New(cfg Config, sink Sink) *Shard {
 	}
 	st := vasmon.NewStore()
 	st.PendingTimeout = int64(cfg.PendingTimeout)
+	st.Flood = cfg.Flood
 	s := &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
 		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(), queued: make([]atomic.Int32, cfg.MaxSlots),
@@ -479,6 +485,9 @@ func (s *Shard) publish() {
 	s.C.StaleWrites.Store(st.StaleWrites)
 	s.C.StaleReads.Store(st.StaleReads)
 	s.C.Resyncs.Store(st.Resyncs)
+	s.C.Floods.Store(st.Floods)
+	s.C.Polls.Store(st.Polls)
+	s.C.Polled.Store(int64(st.Polled))
 	s.C.Hooks.Store(st.Hooks)
 	s.C.Unhooks.Store(st.Unhooks)
 	s.tables.Store(int64(st.Tables))

@@ -186,6 +186,15 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 			r.stats.reserved.Add(1)
 			return Failed
 		}
+		if p.polled && req.Level > 1 {
+			// Only pages of level-1 tables are polled: trap this one
+			// again before it holds a table above.
+			if !s.unpoll(ph, out) || s.findPage(vm.Key, pfn) != ph {
+				undo(true)
+				return Unsure
+			}
+			p = s.pages.at(ph)
+		}
 		if p.vw != nil {
 			w = p.vw.Load()
 		}
@@ -202,7 +211,7 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 				}
 				if p := s.pages.at(ph); p.vw != nil {
 					w = p.vw.Load()
-					if !p.isCurrent(w) {
+					if !p.isCurrent(w) && !p.polled { // (a polled page is as read)
 						undo(true)
 						return Unsure
 					}
@@ -408,6 +417,14 @@ func (s *Store) dropPage(vm *VM, ph uint32) {
 		s.dropPending(ph, &s.st.FlushedPartial)
 	}
 	s.clean(ph)
+	if p.polled {
+		s.unpolled(vm, ph) // (not protected any more)
+		s.pages.release(ph)
+		if s.byPage.find(pageHash(p.vm, p.pfn), func(h uint32) bool { return h == ph }) == ph {
+			s.byPage.remove(pageHash(p.vm, p.pfn), ph)
+		}
+		return
+	}
 	for i := range s.dups {
 		if d := &s.dups[i]; d.vm == p.vm && d.egpa/PageSize == p.pfn {
 			*d = dupChunk{}

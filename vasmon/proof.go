@@ -199,7 +199,7 @@ func (s *Store) readPage(p *page, mem Memory) (uint64, proof) {
 			if !guestmem.Stable(w) {
 				continue
 			}
-			if w&guestmem.VerProtected == 0 {
+			if w&guestmem.VerProtected == 0 && !p.polled {
 				return 0, proofStale
 			}
 		}
@@ -323,6 +323,9 @@ func (s *Store) Dirty() int { return len(s.dirty) }
 // again is read. It returns how many pages still wait (guest memory kept
 // changing under them).
 func (s *Store) Flush(out *Output) int {
+	if len(s.polled) > 0 {
+		s.poll(0, true, out)
+	}
 	for len(s.pend) > 0 {
 		pr := s.takePending(len(s.pend) - 1)
 		s.st.FlushedPartial++
