@@ -48,6 +48,15 @@
 // the order they were applied, across vCPUs. MMIO reads (a page whose slot
 // is momentarily missing) are served from guest RAM.
 //
+// Versions: in trap mode the engine reads guest memory with the version
+// word of each page (guestmem.Versions, vasmon.Versioned), which prove its
+// reads against the guest's writes (SEMANTICS.md section 6, "No
+// phantoms"). A flip sets or clears the page's protected bit while the
+// slot is missing and the vCPUs are held out, so no guest write lands while
+// the bit and the slot disagree; a trapped write to a protected page is
+// counted on the word while it is applied (BeginWrite before, EndWrite
+// after) and its event carries that count (Ver).
+//
 // Shadow paging (kvm_pvm; kvm_intel ept=0; kvm_amd npt=0): KVM's shadow
 // page tables never see a write applied from user space, so the guest
 // would go on using the old translation (measured under nested KVM with
@@ -61,7 +70,13 @@
 //
 // Nothing is write-protected; the KVM dirty ring logs dirtied pages, which
 // are diffed against shadow copies of the hooked tables (see dirty.go for
-// what this cannot see, and when to choose it).
+// what this cannot see, and when to choose it). The memory is given to the
+// engine without version words: the guest's writes reach memory untrapped
+// and uncounted, so a version word would claim a page unchanged across a
+// read the guest wrote under; stamping the harvested events (Trap, at
+// submission) would count them only long after they landed. Without
+// versions the engine proves what it reads by walking guest memory again
+// (a best effort).
 //
 // # Concurrency, ownership, allocation
 //
