@@ -19,7 +19,14 @@
 // protected meanwhile sees the store either in the host's read of it or
 // stamped after the fact (Trap). Events written to unprotected pages are
 // submitted unstamped: the host drops them, their bytes already in memory
-// when it reads the page. VMs are added and removed, roots started and stopped (with the
+// when it reads the page. An event's old value (if it has one) is read from
+// the replay's memory before the write, as a backend reads its guest's: the
+// recorded one is the recorded guest's, whose stores the recording engine
+// did not trap reach the trace only through Page records, which may follow
+// the events. A stamped event is submitted without its RIP: the stamp tells
+// a trap delivered twice, and the engine's test on RIPs (the same RIP and
+// bytes as the last chunk applied to the entry) would also drop a store
+// repeated after the entry changed through a read of its page. VMs are added and removed, roots started and stopped (with the
 // request's monitored bits, callback and options, or the recorded ones with
 // AsRecorded; the callback's context is a *backends.RootInfo). When Run
 // returns, the VMs and roots the trace left registered stay registered with
@@ -123,6 +130,7 @@ type VM struct {
 	Ver   *guestmem.Versions      // the version words of Mem's pages; nil above maxVersioned
 	Roots map[uint64]*vasmon.Root // running roots by CR3
 	prot  *protector
+	esz   int // entry size of the paging mode of its last root started (8 before any)
 }
 
 // maxVersioned is the largest guest RAM whose version words are kept (8
@@ -285,9 +293,30 @@ func (p *player) apply(rec *trace.Record) error {
 	}
 	switch rec.Kind {
 	case trace.KindEvent:
+		old := rec.Old
+		if rec.HasOld {
+			// The entry before the write in this memory, which may differ
+			// from the recorded guest's: a store the recorded engine did
+			// not trap (its page unprotected for a moment) is only in a
+			// Page record, which may come after the events trapped once
+			// the page was protected again.
+			esz := uint64(v.esz)
+			old, _ = v.Mem.ReadUint(rec.GPA&^(esz-1), int(esz))
+		}
 		ver, ver2 := v.write(rec.GPA, rec.Size, rec.Data)
 		p.sum.Events++
-		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: rec.Old, RIP: rec.RIP,
+		rip := rec.RIP
+		if ver != 0 || ver2 != 0 {
+			// The stamp tells a trap delivered twice. The engine's window
+			// of recent chunks (same RIP, offset and bytes as the last
+			// chunk applied to the entry) would drop a store repeated after
+			// the entry changed through a read of its page instead of a
+			// chunk (a munmap's clear after a fault whose event was
+			// already in a read): not given the RIP, the engine keeps
+			// only the stamp's test.
+			rip = 0
+		}
+		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: old, RIP: rip,
 			Size: rec.Size, HasOld: rec.HasOld, Ver: ver, Ver2: ver2})
 	case trace.KindPage:
 		p.sum.Pages++
@@ -302,7 +331,7 @@ func (p *player) apply(rec *trace.Record) error {
 			return fmt.Errorf("VM %d: %w", rec.VM, vasmon.ErrVMExists)
 		}
 		v = &VM{ID: rec.VM, Mem: guestmem.New(rec.RAM), Roots: make(map[uint64]*vasmon.Root),
-			prot: &protector{pages: make(map[uint64]struct{})}}
+			prot: &protector{pages: make(map[uint64]struct{})}, esz: 8}
 		if rec.RAM <= maxVersioned {
 			v.Ver = guestmem.NewVersions(rec.RAM)
 			v.prot.ver = v.Ver
@@ -338,6 +367,7 @@ func (p *player) apply(rec *trace.Record) error {
 			return fmt.Errorf("start root %#x (%v) of VM %d: %w", rec.CR3, rec.Mode, rec.VM, err)
 		}
 		v.Roots[rec.CR3] = root
+		v.esz = rec.Mode.EntryBytes()
 		p.sum.Roots++
 		if p.opts.OnStart != nil {
 			p.opts.OnStart(root, v.Mem)

@@ -789,13 +789,13 @@ func (h *stampHost) Submit(_ vasmon.VMID, evs []shard.Event) (int, error) {
 // written to a protected page carries the stamp BeginWrite gave it (both
 // pages' for a store that crosses a page boundary), one to an unprotected
 // page none; a Page record written over a protected page is one stamped
-// store per changed word. Each page's change count ends at one per
+// store per changed word. Old values are read from the replay's memory. Each page's change count ends at one per
 // protection plus two per store.
 func TestReplayStamps(t *testing.T) {
 	path := handMade(t,
 		trace.Record{Kind: trace.KindVMAdd, VM: 1, RAM: 16 << 20},
-		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x1008, Size: 8, Data: 0x5007},
-		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x3000, Size: 8, Data: 0x6007},
+		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x1008, Size: 8, Data: 0x5007, HasOld: true, Old: 0xdead, RIP: 0x1234},
+		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x3000, Size: 8, Data: 0x6007, RIP: 0x99},
 		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x1FFE, Size: 4, Data: 0xAABBCCDD},
 		page(0x1000, 1, 0x5007, 3),
 		page(0x3000, 7),
@@ -839,6 +839,11 @@ func TestReplayStamps(t *testing.T) {
 		if guestmem.Count(w) != c.want || !guestmem.Stable(w) || (w&guestmem.VerProtected != 0) != (c.gpa != 0x3000) {
 			t.Errorf("page %#x: version word %#x, want count %d, stable", c.gpa, w, c.want)
 		}
+	}
+	// The first event's old value is this memory's, not the recorded one;
+	// stamped, it goes without its RIP; the unstamped one keeps it.
+	if e := h.evs[0]; !e.HasOld || e.Old != 0 || e.RIP != 0 || h.evs[1].RIP != 0x99 {
+		t.Errorf("events %+v, %+v: want the first with old 0 (read here) and no RIP, the second with its RIP", e, h.evs[1])
 	}
 	if sum.Synthetic != 3 {
 		t.Errorf("%d synthetic events, want 3", sum.Synthetic)
