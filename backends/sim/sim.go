@@ -178,6 +178,9 @@ type Stats struct {
 	OOM                  uint64 // operations cut short: a VM's table area was exhausted
 	Processes            int    // live processes
 	Tables               int64  // table pages in use
+	// Running is how long the vCPUs ran (from the end of the boot to the
+	// last vCPU's stop), once they all stopped; 0 before.
+	Running time.Duration
 }
 
 // TotalWrites returns the stores made.
@@ -209,6 +212,7 @@ type Sim struct {
 	hctx    context.Context // of Start, Stop, RemoveVM: not the run's, which ends first
 	hcancel context.CancelFunc
 	t0      time.Time
+	running atomic.Int64 // how long the vCPUs ran (Stats.Running)
 
 	ran      atomic.Bool
 	stopped  atomic.Bool
@@ -336,6 +340,7 @@ func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) e
 		wg.Go(c.run)
 	}
 	wg.Wait()
+	s.running.Store(int64(time.Since(s.t0)))
 	close(finished)
 	if s.cfg.OnIdle != nil {
 		s.cfg.OnIdle()
@@ -519,6 +524,7 @@ func (s *Sim) Stats() Stats {
 	for _, c := range s.vcpus {
 		add(&c.ctr)
 	}
+	st.Running = time.Duration(s.running.Load())
 	add(&s.ctr)
 	for _, v := range s.vms {
 		v.mu.Lock()

@@ -72,8 +72,9 @@ func (o *oracle) run(s *sim.Sim, e *engine.Engine) error {
 }
 
 // phantomFree fails the test if a callback reported a leaf that never
-// existed or the host protected a page that never was a table.
-func (o *oracle) phantomFree() {
+// existed or the host protected a page that never was a table; and, if
+// leaves is set, if no new leaf was reported (nothing checked).
+func (o *oracle) phantomFree(leaves bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.phantoms != 0 {
@@ -82,7 +83,7 @@ func (o *oracle) phantomFree() {
 	if bad := o.sim.BadHooks(); len(bad) != 0 {
 		o.t.Errorf("%d pages protected that never were tables, such as %#x", len(bad), bad[0])
 	}
-	if o.leaves == 0 {
+	if leaves && o.leaves == 0 {
 		o.t.Error("no new leaf reported: nothing checked")
 	}
 }
@@ -207,7 +208,7 @@ func TestOracle(t *testing.T) {
 			if err := o.run(s, e); err != nil {
 				t.Fatal(err)
 			}
-			o.phantomFree()
+			o.phantomFree(prof != "idle") // idle runs for a time, in which a loaded machine may fault nothing in
 			if n := s.ProtectedPages(); n != 0 {
 				t.Errorf("%d pages still protected after Run", n)
 			}
@@ -340,11 +341,16 @@ func TestProfileMix(t *testing.T) {
 		if err := e.Sync(context.Background()); err != nil {
 			t.Fatal(err)
 		}
+		// Of the tracked events (those that found a hooked table): how
+		// many are untracked depends on how far the engine lags, which
+		// load moves (writes already in a read of their page are
+		// untracked), not on the profile.
 		st := e.Stats()
-		frac := float64(st.Kinds[vasmon.WriteIrrelevant]) / float64(st.Processed)
-		t.Logf("windows: %d events, kinds %v: %.1f%% irrelevant", st.Processed, st.Kinds, 100*frac)
-		if st.Processed < 1000 || frac < 0.80 {
-			t.Errorf("windows: %.1f%% of %d events irrelevant, want at least 80%%", 100*frac, st.Processed)
+		tracked := st.Processed - st.Kinds[vasmon.WriteUntracked]
+		frac := float64(st.Kinds[vasmon.WriteIrrelevant]) / float64(tracked)
+		t.Logf("windows: %d events, kinds %v: %.1f%% of the tracked ones irrelevant", st.Processed, st.Kinds, 100*frac)
+		if tracked < 1000 || frac < 0.80 {
+			t.Errorf("windows: %.1f%% of %d tracked events irrelevant, want at least 80%%", 100*frac, tracked)
 		}
 	})
 	t.Run("idle", func(t *testing.T) {
@@ -354,12 +360,11 @@ func TestProfileMix(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t0 := time.Now()
 			if err := s.Run(context.Background(), newNullHost(true), request); err != nil {
 				t.Fatal(err)
 			}
 			st := s.Stats()
-			return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / time.Since(t0).Seconds() / 2
+			return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / st.Running.Seconds() / 2
 		}
 		idle, web := rate("idle"), rate("web")
 		t.Logf("per VM: idle %.0f events/s, web %.0f events/s", idle, web)
@@ -382,12 +387,11 @@ func TestRateAndBurst(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t0 := time.Now()
 		if err := s.Run(context.Background(), newNullHost(true), request); err != nil {
 			t.Fatal(err)
 		}
 		st := s.Stats()
-		return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / time.Since(t0).Seconds() / 2
+		return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / st.Running.Seconds() / 2
 	}
 	got := run(5000, sim.Burst{})
 	t.Logf("rate 5000/s per VM: %.0f/s", got)
