@@ -545,6 +545,12 @@ func (v *vcpu) mmio(now int64) error {
 	vm.endWrite(gpa, n, ver, ver2)
 	vm.st.traps.Add(1)
 	if vm.dirty == nil && !vm.cfg.Null {
+		if ver != 0 || ver2 != 0 {
+			// The stamp tells a trap delivered twice; the engine's
+			// test on RIPs would also drop a store repeated after its
+			// entry changed through a read of its page (sim, vcpu.store).
+			rip = 0
+		}
 		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now,
 			Ver: ver, Ver2: ver2}
 		if vm.cfg.timing {

@@ -15,8 +15,9 @@
 // it is counted on the page's version word while it lands (BeginWrite,
 // EndWrite) and becomes a shard.Event stamped with that count (Ver),
 // shard.Now() at the trap, the entry's whole value before the store
-// (HasOld) and the storing kernel code's RIP. Stores to unprotected pages
-// go to memory only, unstamped. The CPU's own Accessed/Dirty updates never
+// (HasOld); not the storing kernel code's RIP, which the simulator models
+// (a RIP per store site) but leaves out of stamped events (see
+// vcpu.store). Stores to unprotected pages go to memory only, unstamped. The CPU's own Accessed/Dirty updates never
 // trap.
 //
 // Guest kernels: each VM runs an OS model in one paging mode. It allocates

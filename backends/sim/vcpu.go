@@ -112,8 +112,18 @@ func (c *vcpu) store(gpa uint64, size int, v uint64, site int) {
 	if size < 8 {
 		v &= 1<<(8*size) - 1
 	}
+	rip := vm.rip(c.op, site)
+	if ver != 0 {
+		// A stamped event goes without its RIP: the stamp tells a trap
+		// delivered twice, and the engine's test on RIPs (the same RIP
+		// and bytes as the last chunk applied to the entry) also drops a
+		// store repeated after the entry changed through a read of its
+		// page (mprotect setting NX, clearing it in a store the engine
+		// found already in a read, setting it again).
+		rip = 0
+	}
 	c.batch = append(c.batch, shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true,
-		RIP: vm.rip(c.op, site), Size: uint8(size), Trap: shard.Now(), Ver: ver})
+		RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver})
 	c.sent++
 	if len(c.batch) == maxBatch {
 		c.submit()
