@@ -201,7 +201,6 @@ type player struct {
 	bvm   vasmon.VMID
 	old   [trace.PageSize]byte
 
-	paced     bool
 	t0, check int64
 	w0        time.Time
 }
