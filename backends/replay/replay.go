@@ -4,11 +4,29 @@
 // # Contract
 //
 // Ownership: Run owns, per VM of the trace, a sparse guestmem.Memory of the
-// recorded RAM size and a Protector that records the set of protected pages.
-// It applies the records in stream order: a Page record's content and each
+// recorded RAM size, the version word of each of its pages
+// (guestmem.Versions; not kept for a guest above 64 GiB) and a Protector
+// that records the set of protected pages and keeps their protected bits.
+// The host reads the memory with its version words (vasmon.Versioned). Run
+// applies the records in stream order: a Page record's content and each
 // event's bytes are written to the VM's memory, then the events are submitted
 // (consecutive events of one VM in batches of up to 256, stamped at
-// submission); VMs are added and removed, roots started and stopped (with the
+// submission). An event's bytes written to a page protected at that moment
+// are a trapped store, as in the recorded guest: counted on the page's
+// version word around the write (BeginWrite, EndWrite), and the event
+// carries that count (Ver, Ver2 for the second page of a store that crosses
+// one); the protection is tested again after the write, so that a page
+// protected meanwhile sees the store either in the host's read of it or
+// stamped after the fact (Trap). Events written to unprotected pages are
+// submitted unstamped: the host drops them, their bytes already in memory
+// when it reads the page. An event's old value (if it has one) is read from
+// the replay's memory before the write, as a backend reads its guest's: the
+// recorded one is the recorded guest's, whose stores the recording engine
+// did not trap reach the trace only through Page records, which may follow
+// the events. A stamped event is submitted without its RIP: the stamp tells
+// a trap delivered twice, and the engine's test on RIPs (the same RIP and
+// bytes as the last chunk applied to the entry) would also drop a store
+// repeated after the entry changed through a read of its page. VMs are added and removed, roots started and stopped (with the
 // request's monitored bits, callback and options, or the recorded ones with
 // AsRecorded; the callback's context is a *backends.RootInfo). When Run
 // returns, the VMs and roots the trace left registered stay registered with
@@ -17,13 +35,15 @@
 // Pages hooked early: the engine hooks a table asynchronously, so the replay
 // engine may hook a page (and read it) before the reader reaches the Page
 // record the recording engine wrote for the same hook. When a Page record
-// changes a page that is protected at that moment, Run submits one 8-byte
-// write event (without old value) per word that changed, as a backend would
-// trap the guest's stores; the engine compares each with its copy, so every
-// root still satisfies the oracle against the replayed memory. Protection
-// precedes reading in the engine, so a page not yet protected when its Page
-// record is written is read with that content. Summary.Synthetic counts those
-// events.
+// changes a page that is protected at that moment, Run writes it one 8-byte
+// word at a time, each a trapped store (stamped as above) submitted as a
+// write event without old value, as a backend would trap the guest's
+// stores; the engine compares each with its copy, so every root still
+// satisfies the oracle against the replayed memory. Protection precedes
+// reading in the engine, so a page not yet protected when its Page record is
+// written is read with that content (a page protected while it is written
+// has its changed words stamped after the fact and submitted too).
+// Summary.Synthetic counts those events.
 //
 // Roots: before starting a root, Run waits until the events it submitted
 // have been processed, if the host has a Sync method (engine.Engine does). The
@@ -132,8 +152,65 @@ const NumKinds = int(trace.KindEvent) + 1
 type VM struct {
 	ID    vasmon.VMID
 	Mem   *guestmem.Memory
+	Ver   *guestmem.Versions      // the version words of Mem's pages; nil above maxVersioned
 	Roots map[uint64]*vasmon.Root // running roots by CR3
 	prot  *protector
+	esz   int // entry size of the paging mode of its last root started (8 before any)
+}
+
+// maxVersioned is the largest guest RAM whose version words are kept (8
+// bytes per page, allocated up front): a larger guest's memory is given to
+// the host unversioned.
+const maxVersioned = 1 << 36
+
+// memory is a VM's memory with its version words (vasmon.Versioned).
+type memory struct {
+	*guestmem.Memory
+	ver *guestmem.Versions
+}
+
+// Versions implements vasmon.Versioned.
+func (m memory) Versions() *guestmem.Versions { return m.ver }
+
+// hostMemory returns the VM's memory as the host reads it.
+func (v *VM) hostMemory() vasmon.Memory {
+	if v.Ver == nil {
+		return v.Mem
+	}
+	return memory{v.Mem, v.Ver}
+}
+
+// protected reports whether the page holding gpa is write-protected now.
+func (v *VM) protected(gpa uint64) bool { return v.Ver != nil && v.Ver.Protected(gpa) }
+
+// write stores the low size bytes of data at gpa, as the recorded guest
+// did, and returns the stamps of the trapped store: on gpa's page and, for a
+// store that crosses into the next page, on that one (see the package
+// comment).
+func (v *VM) write(gpa uint64, size uint8, data uint64) (ver, ver2 uint32) {
+	last := gpa + uint64(size) - 1
+	split := last/trace.PageSize != gpa/trace.PageSize
+	p1, p2 := v.protected(gpa), split && v.protected(last)
+	if p1 {
+		ver = v.Ver.BeginWrite(gpa)
+	}
+	if p2 {
+		ver2 = v.Ver.BeginWrite(last)
+	}
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], data)
+	_ = v.Mem.Write(gpa, b[:size]) // outside RAM: the engine ignores it too
+	if p1 {
+		v.Ver.EndWrite(gpa)
+	} else if v.protected(gpa) {
+		ver = v.Ver.Trap(gpa)
+	}
+	if p2 {
+		v.Ver.EndWrite(last)
+	} else if split && v.protected(last) {
+		ver2 = v.Ver.Trap(last)
+	}
+	return ver, ver2
 }
 
 // Protected returns the number of pages the host has protected.
@@ -272,12 +349,31 @@ func (p *player) applyErr(rec *trace.Record) error {
 	}
 	switch rec.Kind {
 	case trace.KindEvent:
-		var b [8]byte
-		binary.LittleEndian.PutUint64(b[:], rec.Data)
-		_ = v.Mem.Write(rec.GPA, b[:rec.Size]) // outside RAM: the engine ignores it too
+		old := rec.Old
+		if rec.HasOld {
+			// The entry before the write in this memory, which may differ
+			// from the recorded guest's: a store the recorded engine did
+			// not trap (its page unprotected for a moment) is only in a
+			// Page record, which may come after the events trapped once
+			// the page was protected again.
+			esz := uint64(v.esz)
+			old, _ = v.Mem.ReadUint(rec.GPA&^(esz-1), int(esz))
+		}
+		ver, ver2 := v.write(rec.GPA, rec.Size, rec.Data)
 		p.sum.Events++
-		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: rec.Old, RIP: rec.RIP,
-			Size: rec.Size, HasOld: rec.HasOld})
+		rip := rec.RIP
+		if ver != 0 || ver2 != 0 {
+			// The stamp tells a trap delivered twice. The engine's window
+			// of recent chunks (same RIP, offset and bytes as the last
+			// chunk applied to the entry) would drop a store repeated after
+			// the entry changed through a read of its page instead of a
+			// chunk (a munmap's clear after a fault whose event was
+			// already in a read): not given the RIP, the engine keeps
+			// only the stamp's test.
+			rip = 0
+		}
+		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: old, RIP: rip,
+			Size: rec.Size, HasOld: rec.HasOld, Ver: ver, Ver2: ver2})
 	case trace.KindPage:
 		p.sum.Pages++
 		return p.page(v, rec.GPA, rec.Page)
@@ -291,8 +387,12 @@ func (p *player) applyErr(rec *trace.Record) error {
 			return fmt.Errorf("VM %d: %w", rec.VM, vasmon.ErrVMExists)
 		}
 		v = &VM{ID: rec.VM, Mem: guestmem.New(rec.RAM), Roots: make(map[uint64]*vasmon.Root),
-			prot: &protector{pages: make(map[uint64]struct{})}}
-		if err := p.host.AddVM(rec.VM, v.Mem, v.prot, rec.MaxTables); err != nil {
+			prot: &protector{pages: make(map[uint64]struct{})}, esz: 8}
+		if rec.RAM <= maxVersioned {
+			v.Ver = guestmem.NewVersions(rec.RAM)
+			v.prot.ver = v.Ver
+		}
+		if err := p.host.AddVM(rec.VM, v.hostMemory(), v.prot, rec.MaxTables); err != nil {
 			return fmt.Errorf("add VM %d: %w", rec.VM, err)
 		}
 		p.sum.Live[rec.VM] = v
@@ -323,6 +423,7 @@ func (p *player) applyErr(rec *trace.Record) error {
 			return fmt.Errorf("start root %#x (%v) of VM %d: %w", rec.CR3, rec.Mode, rec.VM, err)
 		}
 		v.Roots[rec.CR3] = root
+		v.esz = rec.Mode.EntryBytes()
 		p.sum.Roots++
 		if p.opts.OnStart != nil {
 			p.opts.OnStart(root, v.Mem)
@@ -346,25 +447,37 @@ func (p *player) applyErr(rec *trace.Record) error {
 // processed (engine.Engine).
 type syncer interface{ Sync(context.Context) error }
 
-// page writes a Page record's content to memory; if the page is protected
-// already, the words that changed are submitted as writes (see the package
-// comment). The protection is tested after the memory is written.
+// page writes a Page record's content to memory; if the page is protected,
+// word by word, each a trapped store submitted as a write (see the package
+// comment). The protection is tested again after the memory is written.
 func (p *player) page(v *VM, gpa uint64, data []byte) error {
 	if v.Mem.Read(gpa, p.old[:]) != nil || bytes.Equal(p.old[:], data) {
 		return nil
 	}
-	_ = v.Mem.Write(gpa, data)
-	if !v.prot.has(gpa) {
-		return nil
+	trapped := v.protected(gpa)
+	if !trapped {
+		_ = v.Mem.Write(gpa, data)
+		if !v.protected(gpa) && !v.prot.has(gpa) {
+			return nil
+		}
 	}
 	p.sum.SyntheticPages++
 	for i := 0; i < trace.PageSize; i += 8 {
 		o, n := binary.LittleEndian.Uint64(p.old[i:]), binary.LittleEndian.Uint64(data[i:])
-		if o != n {
-			p.sum.Synthetic++
-			if err := p.add(v.ID, shard.Event{GPA: gpa + uint64(i), Data: n, Size: 8}); err != nil {
-				return err
-			}
+		if o == n {
+			continue
+		}
+		var ver uint32
+		a := gpa + uint64(i)
+		switch {
+		case trapped:
+			ver, _ = v.write(a, 8, n)
+		case v.Ver != nil:
+			ver = v.Ver.Trap(a) // protected while the page was written
+		}
+		p.sum.Synthetic++
+		if err := p.add(v.ID, shard.Event{GPA: a, Data: n, Size: 8, Ver: ver}); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -410,23 +523,39 @@ func (p *player) flush() error {
 	return nil
 }
 
-// protector is a VM's write protection: the set of protected pages.
+// protector is a VM's write protection: the set of protected pages, and
+// their protected bits in the version words (if kept).
 type protector struct {
 	mu    sync.Mutex
 	pages map[uint64]struct{}
+	ver   *guestmem.Versions
 }
 
 func (p *protector) Protect(gpa uint64) error {
+	gpa &^= trace.PageSize - 1
 	p.mu.Lock()
-	p.pages[gpa&^(trace.PageSize-1)] = struct{}{}
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	if _, ok := p.pages[gpa]; ok {
+		return nil
+	}
+	p.pages[gpa] = struct{}{}
+	if p.ver != nil {
+		p.ver.SetProtected(gpa, true)
+	}
 	return nil
 }
 
 func (p *protector) Unprotect(gpa uint64) error {
+	gpa &^= trace.PageSize - 1
 	p.mu.Lock()
-	delete(p.pages, gpa&^(trace.PageSize-1))
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	if _, ok := p.pages[gpa]; !ok {
+		return nil
+	}
+	delete(p.pages, gpa)
+	if p.ver != nil {
+		p.ver.SetProtected(gpa, false)
+	}
 	return nil
 }
 
