@@ -11,8 +11,14 @@ BENCHTIME ?= 1s
 
 all: build
 
+# The revision is stamped by -ldflags too, for builds where Go's own VCS
+# stamping is off (GOFLAGS=-buildvcs=false) or impossible.
+REVISION := $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+REVTIME  := $(shell git log -1 --format=%cI 2>/dev/null)
+LDFLAGS  := -X main.buildRevision=$(REVISION) -X main.buildTime=$(REVTIME)
+
 build:
-	$(GO) build -o bin/vasengine ./cmd/vasengine
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/vasengine ./cmd/vasengine
 
 # The main job on the embedded default: simulated guests, all shards, 10 s.
 run: build
@@ -50,11 +56,11 @@ bench:
 bench-report:
 	$(GO) run ./bench/report -benchtime $(BENCHTIME)
 
-# The QEMU backend's kernel, initramfs and TCG plugin, in build/qemu (the
-# QEMU tests run this themselves when the artifacts are missing).
+# The QEMU backend's kernel, initramfs and TCG plugin, in its cache folder
+# ($$XDG_CACHE_HOME/vasengine/qemu, or $$VASENGINE_QEMU_DIR; the QEMU tests run
+# this themselves when the artifacts are missing).
 qemu:
-	bash scripts/qemu-setup.sh
-	$(MAKE) -C backends/qemu/plugin
+	sh scripts/qemu-setup.sh
 
 profile: build
 	mkdir -p build/profile

@@ -82,14 +82,19 @@ type Config struct {
 	// Pin pins each worker to a CPU of CPUs. Pinning pays only on cores
 	// reserved for the engine: a pinned worker sharing its core with busy
 	// threads cannot move to an idle one.
-	Pin         bool
-	NoPin       bool          // deprecated: workers are unpinned unless Pin
-	QueueDepth  int           // events per shard queue; 0: 16384
-	MaxBatch    int           // events drained per batch; 0: 256
-	Budget      time.Duration // trap-to-callback latency budget; 0: 20 us
-	NonBlocking bool          // Submit returns ErrOverload instead of waiting when a queue is full
-	MaxVMs      int           // VMs registered at once, at most 65535; 0: 1024
-	MaxVMLabels int           // VMs with their own metric label; the rest are "other"; 0: 32
+	Pin        bool
+	NoPin      bool          // deprecated: workers are unpinned unless Pin
+	QueueDepth int           // events per shard queue; 0: 16384
+	MaxBatch   int           // events drained per batch; 0: 256
+	Budget     time.Duration // trap-to-callback latency budget; 0: 20 us
+	// NonBlocking makes Submit return ErrOverload instead of waiting when
+	// a queue is full, or when the VM has more than its share of a queue
+	// (its part of half the queue, split among the VMs) and the queue is
+	// half full: fair ingest, so that one VM's flood never makes another
+	// VM within its share wait or be refused.
+	NonBlocking bool
+	MaxVMs      int // VMs registered at once, at most 65535; 0: 1024
+	MaxVMLabels int // VMs with their own metric label; the rest are "other"; 0: 32
 	// Spin is how long an idle worker polls its queue before it parks; 0:
 	// 50 us, negative: park at once. Waking a parked worker costs the
 	// operating system's thread wake-up (20-80 us measured on the project's
@@ -100,6 +105,11 @@ type Config struct {
 	// PendingTimeout ends a partial write whose first chunk was trapped
 	// this long before a later event of its shard; 0: 1 ms.
 	PendingTimeout time.Duration
+	// Flood is the write-flood policy of the shards' stores: a page of
+	// level-1 tables written faster than a threshold is read now and then
+	// instead of trapped (vasmon.FloodPolicy; the zero value is the
+	// default, Writes < 0 turns it off).
+	Flood vasmon.FloodPolicy
 	// OnPanic is told of each recovered callback panic; nil logs nothing.
 	OnPanic func(root *vasmon.Root, v any)
 	// Driver, if set, runs the engine deterministically: no worker
@@ -174,8 +184,9 @@ type Engine struct {
 	tickets []*shard.Ticket // by handle; 0 unused
 	tfree   []uint16
 
-	stall    shard.Histogram   // synchronous writes: trap to return (Syncer.Submit)
-	verdicts [2]atomic.Uint64  // synchronous writes by verdict
+	share                         atomic.Int32     // a VM's share of a shard queue (fair ingest)
+	stall                         shard.Histogram  // synchronous writes: trap to return (Syncer.Submit)
+	verdicts                      [2]atomic.Uint64 // synchronous writes by verdict
 	submitted, accepted, rejected atomic.Uint64
 	active                        atomic.Int64
 	closed                        atomic.Bool
@@ -269,14 +280,22 @@ func New(cfg Config) (*Engine, error) {
 		}
 		e.shards = append(e.shards, shard.New(shard.Config{ID: i, CPU: cpu, QueueDepth: cfg.QueueDepth,
 			MaxBatch: cfg.MaxBatch, Budget: cfg.Budget, MaxSlots: cfg.MaxVMs, Spin: cfg.Spin,
-			PendingTimeout: cfg.PendingTimeout}, sink{e}))
+			PendingTimeout: cfg.PendingTimeout, Flood: cfg.Flood}, sink{e}))
 	}
+	e.reshare(0)
 	if cfg.Driver == nil {
 		for _, s := range e.shards {
 			s.Start()
 		}
 	}
 	return e, nil
+}
+
+// reshare sets each VM's share of a shard queue for n VMs: half the queue
+// divided among them, so that the VMs within their share fit in the half
+// that VMs past theirs may not fill.
+func (e *Engine) reshare(n int) {
+	e.share.Store(int32(max(1, e.cfg.QueueDepth/(2*max(1, n)))))
 }
 
 const (
@@ -420,6 +439,7 @@ func (e *Engine) AddVM(id vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector,
 	e.epoch.Add(1)
 	e.vms.Store(id, ve)
 	e.owner[slot], e.freed[slot] = ve, 0
+	e.reshare(e.vms.Size())
 	return nil
 }
 
@@ -477,6 +497,7 @@ func (e *Engine) RemoveVM(ctx context.Context, id vasmon.VMID) error {
 	e.frees++
 	e.freed[ve.slot] = e.frees
 	ve.removed = true
+	e.reshare(e.vms.Size())
 	return nil
 }
 
@@ -535,12 +556,12 @@ func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vas
 	// Let the VM's events submitted so far reach the shadows first, so the
 	// new tree starts from what the caller's walk of memory shows.
 	if err := e.waitVM(ctx, ve); err != nil {
-		_ = e.stop(context.Background(), key, r, false)
+		_ = e.stop(ctx, key, r, false) // (unhooked in the background)
 		return nil, err
 	}
 	e.send(vasmon.Request{Root: r, GPA: gpa, Level: uint8(mode.Levels()), Op: vasmon.OpHook})
 	if err := e.waitRoot(ctx, r); err != nil {
-		_ = e.stop(context.Background(), key, r, false)
+		_ = e.stop(ctx, key, r, false) // (unhooked in the background)
 		return nil, err
 	}
 	if r.Tables() == 0 {
@@ -876,8 +897,16 @@ func (e *Engine) flushBatch(ve *vmEntry, b *batch, ticket uint16, t *shard.Ticke
 			}
 		}
 		s := e.shards[b.owner[i]]
+		share := e.share.Load()
 		for sent, spin := 0, 0; sent < n; spin++ {
-			k, _ := s.TryEnqueueBatch(b.buf[sent:n])
+			k := 0
+			// Fair ingest: a VM with more than its share queued waits (or
+			// is refused) once the queue is half full, so a VM within its
+			// share never finds the queue full (see Config.NonBlocking).
+			if q := s.Queued(ve.slot); q+int32(n-sent) <= share || s.QueueLen() <= s.QueueCap()/2 || b.buf[sent].Cont {
+				k, _ = s.TryEnqueueBatch(b.buf[sent:n])
+			}
+			s.AddQueued(ve.slot, k)
 			for _, j := range b.which[sent : sent+k] {
 				b.done[j] = true
 			}
@@ -934,8 +963,12 @@ func (e *Engine) wait(s *shard.Shard, spin int) error {
 	}
 	// Nobody may be running the shard: help, then wait for the worker.
 	if s.TryAcquire() {
+		runtime.LockOSThread()
+		s.SetOwnerThread(int64(unix.Gettid()))
 		s.Step(0)
+		s.SetOwnerThread(0)
 		s.Release()
+		runtime.UnlockOSThread()
 		return nil
 	}
 	s.WaitSpace()
@@ -951,13 +984,15 @@ func (e *Engine) Sync(ctx context.Context) error {
 	if e.reentrant() {
 		return ErrReentrant
 	}
-	for {
+	for round := 0; ; round++ {
 		if err := e.poll(ctx, e.idle); err != nil {
 			return err
 		}
 		sent := false
 		for _, s := range e.shards {
-			if s.C.Partial.Load() > 0 || s.C.Dirty.Load() > 0 || s.C.Retrying.Load() > 0 {
+			// (Flooded pages are read once per Sync: they would always
+			// have something to read.)
+			if s.C.Partial.Load() > 0 || s.C.Dirty.Load() > 0 || s.C.Retrying.Load() > 0 || round == 0 && s.C.Polled.Load() > 0 {
 				s.Send(shard.Msg{Op: shard.MsgFlush, Trap: shard.Now()})
 				sent = true
 			}

@@ -308,15 +308,6 @@ func TestEquivalence(t *testing.T) {
 	}
 }
 
-func byKey(evs []vasmontest.Event) map[vasmontest.Key][]vasmontest.Event {
-	m := make(map[vasmontest.Key][]vasmontest.Event)
-	for _, e := range evs {
-		k := vasmontest.Key{VA: e.VA, Size: e.Size}
-		m[k] = append(m[k], e)
-	}
-	return m
-}
-
 // TestStartStopUnderTraffic starts and stops roots and adds and removes VMs
 // while producers submit, then checks the accounting and that every page
 // protection was released.

@@ -62,13 +62,15 @@ var (
 	dVerdicts   = desc("sync_verdicts_total", "Synchronous writes by the verdict of their callbacks (allow, deny).", "verdict")
 	dSpin       = desc("worker_spin_seconds_total", "Time shard workers spent polling their idle queues.")
 	dShardCPU   = desc("shard_cpu", "The host CPU a shard's worker is pinned to; -1: unpinned.", "shard")
+	dFlooded    = desc("vm_flooded_pages", "Page-table pages a VM writes so often that they are read now and then instead of trapped; VMs past the label limit are summed as vm=\"other\".", "vm")
+	dFloods     = desc("flooded_pages_total", "Pages found flooded (written faster than the flood threshold).")
 	dSteals     = desc("shard_steals_total", "Shard steps run by another thread than the shard's worker (an idle peer or a synchronous submitter).")
 	dHooks      = desc("table_hooks_total", "Page tables hooked (hook steps that hooked a table).")
 	dUnhooks    = desc("table_unhooks_total", "Page tables unhooked.")
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals, dStall, dVerdicts, dSpin, dShardCPU}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals, dStall, dVerdicts, dSpin, dShardCPU, dFlooded, dFloods}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -103,8 +105,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 				m(dVMEvents, counterType, float64(n), id, vasmon.WriteKind(k).String())
 			}
 			m(dVMSubmit, counterType, float64(v.Submitted), id)
+			m(dFlooded, gaugeType, float64(v.Flooded), id)
 			continue
 		}
+		other.Flooded += v.Flooded
 		other.Submitted += v.Submitted
 		for k := range v.Kinds {
 			other.Kinds[k] += v.Kinds[k]
@@ -115,7 +119,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			m(dVMEvents, counterType, float64(n), "other", vasmon.WriteKind(k).String())
 		}
 		m(dVMSubmit, counterType, float64(other.Submitted), "other")
+		m(dFlooded, gaugeType, float64(other.Flooded), "other")
 	}
+	m(dFloods, counterType, float64(st.Floods))
 	m(dCallbacks, counterType, float64(st.Callbacks))
 	cum := make([]uint64, len(c.bounds))
 	st.Latency.Cumulative(c.bounds, cum)

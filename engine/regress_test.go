@@ -480,3 +480,59 @@ func TestBookkeeping(t *testing.T) {
 		add(old + 1)
 	}
 }
+
+// Fair ingest (issue 19): while one VM floods a shard's queue, another VM
+// within its share is never refused (non-blocking mode) and never waits.
+func TestFairIngest(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 1, QueueDepth: 64, NonBlocking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	block, entered := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	cb := func(any, uint64, uint64, uint64, uint64) { once.Do(func() { close(entered); <-block }) }
+	var gs [3]*vasmontest.Guest
+	var l1s [3]uint64
+	for id := 1; id <= 2; id++ {
+		g, cr3, l1 := chainGuest()
+		gs[id], l1s[id] = g, l1
+		if err := e.AddVM(vasmon.VMID(id), g.Memory(), g.NewProtections(), 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Start(context.Background(), vasmon.VMID(id), cr3, vasmon.Mode4, monitored, cb, nil, engine.RootOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// VM 1's first event blocks the worker in its callback.
+	if _, err := e.Submit(1, toEvents([]vasmon.Write{gs[1].SetEntry(l1s[1], 0, 0x5000|vasmon.BitP)})); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	// VM 1 floods until refused.
+	flood := 0
+	for {
+		_, err := e.Submit(1, toEvents([]vasmon.Write{gs[1].SetEntry(l1s[1], 1+flood%8, uint64(flood)<<12)}))
+		if errors.Is(err, engine.ErrOverload) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		flood++
+	}
+	// VM 2 gets its share: 64 / (2 x 2 VMs) = 16 events.
+	for k := 0; k < 16; k++ {
+		if _, err := e.Submit(2, toEvents([]vasmon.Write{gs[2].SetEntry(l1s[2], k, uint64(k+1)<<12)})); err != nil {
+			t.Fatalf("VM 2's event %d within its share refused: %v (VM 1 queued %d)", k, err, flood)
+		}
+	}
+	close(block)
+	if err := e.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, e)
+	if flood > 48 {
+		t.Fatalf("the flooding VM queued %d events, more than half the queue plus its share", flood)
+	}
+}

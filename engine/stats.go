@@ -21,8 +21,10 @@ type Stats struct {
 	// StaleReads counts tables guest memory no longer linked at their
 	// place when they were read: hooks dropped, tables unhooked early.
 	StaleReads uint64
-	Resyncs    uint64 // pages read again (a value that could not be proven)
-	Expired    uint64 // partial writes ended after the pending timeout
+	Resyncs    uint64        // pages read again (a value that could not be proven)
+	Expired    uint64        // partial writes ended after the pending timeout
+	Floods     uint64        // pages found flooded: read now and then instead of trapped
+	Polls      uint64        // reads of flooded pages
 	Steals     uint64        // shard steps run by another thread than the shard's worker
 	Spin       time.Duration // time workers spent polling idle queues
 	QueueLen   int
@@ -50,6 +52,7 @@ type VMStats struct {
 	Latency             [shard.VMLatencyBuckets]uint64 // see shard.VMLatencyBuckets
 	Tables, Refused     int64
 	Roots               int64
+	Flooded             int64 // pages flooded now (read now and then instead of trapped)
 }
 
 // Events returns the processed events of s (sum of kinds).
@@ -86,7 +89,7 @@ func (v *VMStats) LatencyQuantile(q float64) time.Duration {
 // current generation).
 func (e *Engine) vmStats(ve *vmEntry) VMStats {
 	v := VMStats{ID: ve.vm.ID, Slot: int(ve.slot), Submitted: ve.submitted.Load(), Rejected: ve.rejected.Load(),
-		Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load()}
+		Tables: ve.vm.Tables(), Refused: ve.vm.Refused(), Roots: ve.roots.Load(), Flooded: ve.vm.Flooded()}
 	gen := e.slotGen[ve.slot].Load()
 	for _, s := range e.shards {
 		c := &s.VMs[ve.slot]
@@ -131,6 +134,8 @@ func (e *Engine) Stats() Stats {
 		st.StaleReads += c.StaleReads.Load()
 		st.Resyncs += c.Resyncs.Load()
 		st.Expired += c.Expired.Load()
+		st.Floods += c.Floods.Load()
+		st.Polls += c.Polls.Load()
 		st.Steals += c.Steals.Load()
 		st.Spin += time.Duration(c.SpinNs.Load())
 		st.QueueLen += s.QueueLen()

@@ -17,7 +17,7 @@ var (
 // number replays a failure: go test -run TestExplore -explore.seed=N -explore.seeds=1 -v
 func configOf(seed uint64) Config {
 	c := Config{Seed: seed, Shards: 1 + int(seed%4), Roots: 1 + int(seed/4%2), Writes: 30 + int(seed%17),
-		Churn: seed%3 != 0, Reuse: seed%5 != 0, Sync: seed%2 == 0, Deny: seed%4 == 0}
+		Churn: seed%3 != 0, Reuse: seed%5 != 0, Sync: seed%2 == 0, Deny: seed%4 == 0, Flood: seed%7 < 3}
 	for k := 0; k < 1+int(seed/8%2); k++ {
 		c.Modes = append(c.Modes, vasmon.Modes[int(seed/16+uint64(k))%4])
 	}

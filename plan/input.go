@@ -101,6 +101,13 @@ type Snapshot struct {
 	VMs           int                // vasengine_vms
 	Submitted     map[string]float64 // vasengine_vm_events_submitted_total by vm label
 	Tables, Bytes float64            // vasengine_hooked_tables, vasengine_table_host_bytes
+	// Callbacks is vasengine_callback_latency_seconds' count (0: no
+	// histogram), P99 an upper bound of its 99th percentile (the bound of
+	// the bucket holding it); P99Beyond says it is beyond the last finite
+	// bucket (P99 is then that bucket's bound, a lower bound).
+	Callbacks float64
+	P99       time.Duration
+	P99Beyond bool
 }
 
 // ParseProm reads a Prometheus text exposition scraped from vasengine's
@@ -148,10 +155,37 @@ func ParseProm(r io.Reader, at time.Time) (*Snapshot, error) {
 	if len(s.Submitted) == 0 {
 		return nil, errors.New("no vasengine_vm_events_submitted_total series")
 	}
+	if f := fams["vasengine_callback_latency_seconds"]; f != nil && len(f.Metric) > 0 && f.Metric[0].Histogram != nil {
+		s.Callbacks, s.P99, s.P99Beyond = quantile(f.Metric[0].Histogram, 0.99)
+	}
 	if !s.At.After(s.Start) {
 		return nil, fmt.Errorf("scrape time %v is not after the process start %v", s.At.Format(time.RFC3339), s.Start.Format(time.RFC3339))
 	}
 	return s, nil
+}
+
+// quantile returns a histogram's sample count and an upper bound of its q
+// quantile: the bound of the first bucket whose cumulative count reaches
+// q of the samples; beyond the last finite bucket, that bucket's bound and
+// true.
+func quantile(h *dto.Histogram, q float64) (float64, time.Duration, bool) {
+	n := float64(h.GetSampleCount())
+	if n == 0 {
+		return 0, 0, false
+	}
+	bs := append([]*dto.Bucket(nil), h.Bucket...)
+	sort.Slice(bs, func(i, j int) bool { return bs[i].GetUpperBound() < bs[j].GetUpperBound() })
+	last := 0.0
+	for _, b := range bs {
+		if math.IsInf(b.GetUpperBound(), 1) {
+			break
+		}
+		last = b.GetUpperBound()
+		if float64(b.GetCumulativeCount()) >= q*n {
+			return n, time.Duration(last * 1e9), false
+		}
+	}
+	return n, time.Duration(last * 1e9), true
 }
 
 func value(m *dto.Metric) float64 {
@@ -200,6 +234,27 @@ func (s *Snapshot) Workload() (Workload, float64) {
 		bpt = s.Bytes / s.Tables
 	}
 	return w, bpt
+}
+
+// Point returns what the snapshot measured as a point of the cost curve:
+// its events/s over the process's uptime and its p99 (false: the snapshot
+// has no latency histogram or no callback). The snapshot's histogram covers
+// the whole uptime, so the point is the host's own measurement at that
+// average load.
+func (s *Snapshot) Point() (Point, bool) {
+	if s.Callbacks == 0 {
+		return Point{}, false
+	}
+	up := s.At.Sub(s.Start).Seconds()
+	var total float64
+	for _, n := range s.Submitted {
+		total += n
+	}
+	label := "snapshot"
+	if s.P99Beyond {
+		label = "snapshot (p99 beyond the histogram)"
+	}
+	return Point{Label: label, Offered: total / up, Achieved: total / up, P99: s.P99}, true
 }
 
 // BurstWindow is the window of a burst.

@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"bytes"
 	"fmt"
 	"image/color"
 	"io"
@@ -40,7 +41,18 @@ func (p *Plan) WriteTable(w io.Writer) error {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", pt.Label, offered, achieved, dur(pt.P50), dur(pt.P99), dur(pt.P999), mark)
 	}
 	tw.Flush()
-	if p.Curve.disturbed(p.Budget) {
+	for _, n := range p.Curve.Notes {
+		fmt.Fprintf(&b, "  note: %s\n", n)
+	}
+	if len(p.Inversions) > 0 {
+		b.WriteString("  WARNING: the curve is not monotone, a measurement problem (latency does not fall as load rises):\n")
+		for _, inv := range p.Inversions {
+			fmt.Fprintf(&b, "    p99 %s at %s events/s (%s), then %s at %s events/s (%s)\n", dur(inv.Lighter.P99), SI(inv.Lighter.Rate()),
+				inv.Lighter.Label, dur(inv.Heavier.P99), SI(inv.Heavier.Rate()), inv.Heavier.Label)
+		}
+		b.WriteString("  the host was disturbed while measuring, or its workers park between events at light load; the plan takes\n" +
+			"  the first crossing of the budget (conservative) and is not to be trusted: measure again, longer, on a quiet host\n")
+	} else if p.Curve.disturbed(p.Budget) {
 		b.WriteString("  note: a point over the budget is followed by a heavier one within it: the host was probably disturbed\n" +
 			"  while measuring; the plan takes the first crossing (conservative): measure again, longer, on a quiet host\n")
 	}
@@ -103,7 +115,13 @@ func (p *Plan) WriteTable(w io.Writer) error {
 	case p.VMs == Unbounded:
 		fmt.Fprintf(&b, "\nplan: unbounded: the workload uses none of the constrained resources\n")
 	case p.VMs == 0:
-		fmt.Fprintf(&b, "\nplan: no VM fits, bound by %s\n", bind)
+		fmt.Fprintf(&b, "\nplan: no VM fits within the budget of %v, bound by %s\n", p.Budget, bind)
+		if len(p.Alternatives) == 0 {
+			b.WriteString("  no budget the curve measured would fit one: the binding resource is not the latency\n")
+		}
+		for _, a := range p.Alternatives {
+			fmt.Fprintf(&b, "  a budget of %s would fit %d VMs (bound by %s)\n", dur(a.Budget), a.VMs, a.Binding)
+		}
 	default:
 		about := "about"
 		if ps := p.Curve.sorted(); p.Load < ps[0].Rate() {
@@ -122,6 +140,9 @@ func count(n int) string {
 	}
 	return fmt.Sprint(n)
 }
+
+// Dur formats a latency for a report (µs, ms or s with 2-3 digits).
+func Dur(d time.Duration) string { return dur(d) }
 
 func dur(d time.Duration) string {
 	switch {
@@ -161,10 +182,35 @@ func Bytes(b float64) string {
 	return fmt.Sprintf("%.0f B", b)
 }
 
+// PlotSVG returns the plot of WritePlot as SVG.
+func (p *Plan) PlotSVG() ([]byte, error) {
+	pl, err := p.plot()
+	if err != nil {
+		return nil, err
+	}
+	w, err := pl.WriterTo(8*vg.Inch, 4.5*vg.Inch, "svg")
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	if _, err := w.WriteTo(&buf); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
 // WritePlot writes an SVG (or, by path's extension, PNG or PDF) plot of the
 // curve: latency percentiles against the rate, the budget, the rate within
 // it and the plan's operating point.
 func (p *Plan) WritePlot(path string) error {
+	pl, err := p.plot()
+	if err != nil {
+		return err
+	}
+	return pl.Save(8*vg.Inch, 4.5*vg.Inch, path)
+}
+
+func (p *Plan) plot() (*plot.Plot, error) {
 	pl := plot.New()
 	pl.Title.Text = fmt.Sprintf("Trap-to-callback latency against load; plan: %s VMs (%s)", count(p.VMs), p.Constraints[p.Binding].Name)
 	pl.X.Label.Text = "events/s processed (thousands)"
@@ -189,7 +235,7 @@ func (p *Plan) WritePlot(path string) error {
 		lines = append(lines, q.label, xy)
 	}
 	if err := plotutil.AddLinePoints(pl, lines...); err != nil {
-		return err
+		return nil, err
 	}
 	var sat plotter.XYs
 	for _, pt := range ps {
@@ -200,7 +246,7 @@ func (p *Plan) WritePlot(path string) error {
 	if len(sat) > 0 {
 		s, err := plotter.NewScatter(sat)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s.GlyphStyle.Shape, s.GlyphStyle.Radius = draw.CrossGlyph{}, vg.Points(6)
 		pl.Add(s)
@@ -213,7 +259,7 @@ func (p *Plan) WritePlot(path string) error {
 	if p.RateWithin > 0 {
 		v, err := plotter.NewLine(plotter.XYs{{X: p.RateWithin / 1e3, Y: lo}, {X: p.RateWithin / 1e3, Y: hi}})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		v.Dashes = []vg.Length{vg.Points(1), vg.Points(3)}
 		pl.Add(v)
@@ -226,7 +272,7 @@ func (p *Plan) WritePlot(path string) error {
 	if p.VMs < Unbounded && p.Load > 0 {
 		s, err := plotter.NewScatter(plotter.XYs{{X: p.Load / 1e3, Y: us(p.LoadP99)}})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s.GlyphStyle.Shape, s.GlyphStyle.Radius = draw.PyramidGlyph{}, vg.Points(5)
 		s.GlyphStyle.Color = color.RGBA{R: 200, A: 255}
@@ -236,5 +282,5 @@ func (p *Plan) WritePlot(path string) error {
 	pl.X.Min = 0
 	pl.Y.Min, pl.Y.Max = lo/2, hi*100 // room above the lines for the legend
 	pl.Legend.Top, pl.Legend.Left = true, true
-	return pl.Save(8*vg.Inch, 4.5*vg.Inch, path)
+	return pl, nil
 }

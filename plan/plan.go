@@ -77,6 +77,7 @@ const SaturationRatio = 0.85
 type Curve struct {
 	Source string // where the points come from, for the report
 	Points []Point
+	Notes  []string // what the report should say about the points
 }
 
 // sorted returns the points by ascending rate.
@@ -109,6 +110,31 @@ func (c *Curve) RateWithin(budget time.Duration) (rate float64, bounded bool) {
 		return 0, true
 	}
 	return ps[len(ps)-1].Rate(), false
+}
+
+// MonotoneTolerance: a p99 that falls by more than this factor from one
+// point to the next heavier one makes the curve not monotone. The p99s are
+// histogram bounds (known within a factor of two at worst) and noisy, hence
+// the margin.
+const MonotoneTolerance = 1.25
+
+// Inversion is a pair of consecutive points (by rate) whose p99 falls as
+// the load rises by more than MonotoneTolerance.
+type Inversion struct{ Lighter, Heavier Point }
+
+// Inversions returns the curve's inversions. Latency does not fall as load
+// rises: an inverted curve is a measurement problem (a disturbed host,
+// workers that park between events at light load, too short a step).
+func (c *Curve) Inversions() []Inversion {
+	var inv []Inversion
+	ps := c.sorted()
+	for i := 1; i < len(ps); i++ {
+		q, p := ps[i-1], ps[i]
+		if !q.Saturated && !p.Saturated && float64(p.P99)*MonotoneTolerance < float64(q.P99) {
+			inv = append(inv, Inversion{Lighter: q, Heavier: p})
+		}
+	}
+	return inv
 }
 
 // disturbed reports whether a point over the budget is followed by a
@@ -196,6 +222,17 @@ type Plan struct {
 	VMs, VCPUs  int           // the plan (Unbounded when nothing binds)
 	Load        float64       // events/s of VMs VMs: the operating point
 	LoadP99     time.Duration // the curve's p99 at Load
+	Inversions  []Inversion   // the curve is not monotone: a measurement problem
+	// Alternatives: when no VM fits the budget, the budgets (the p99s the
+	// curve measured above it) that would fit some, and how many.
+	Alternatives []Alternative
+}
+
+// Alternative is what a larger budget would fit.
+type Alternative struct {
+	Budget  time.Duration
+	VMs     int
+	Binding string
 }
 
 // Constraint names.
@@ -207,7 +244,9 @@ const (
 )
 
 // Compute checks the inputs and computes the plan.
-func Compute(in Inputs) (*Plan, error) {
+func Compute(in Inputs) (*Plan, error) { return compute(in, true) }
+
+func compute(in Inputs, withAlternatives bool) (*Plan, error) {
 	w := in.Workload
 	switch {
 	case in.Budget <= 0:
@@ -248,7 +287,41 @@ func Compute(in Inputs) (*Plan, error) {
 		p.Load = float64(p.VMs) * w.RatePerVM
 		p.LoadP99 = in.Curve.P99At(p.Load)
 	}
+	p.Inversions = in.Curve.Inversions()
+	if p.VMs == 0 && withAlternatives {
+		p.Alternatives = alternatives(in)
+	}
 	return p, nil
+}
+
+// maxAlternatives bounds the budgets an answer of no VM proposes.
+const maxAlternatives = 4
+
+// alternatives tries, as budgets, the p99s the curve measured above the
+// budget, in ascending order, and keeps those that fit more VMs than the
+// previous one.
+func alternatives(in Inputs) []Alternative {
+	var budgets []time.Duration
+	for _, pt := range in.Curve.Points {
+		if !pt.Saturated && pt.P99 > in.Budget {
+			budgets = append(budgets, pt.P99)
+		}
+	}
+	sort.Slice(budgets, func(i, j int) bool { return budgets[i] < budgets[j] })
+	var alts []Alternative
+	for _, b := range budgets {
+		alt := in
+		alt.Budget = b
+		q, err := compute(alt, false)
+		if err != nil || q.VMs == 0 || (len(alts) > 0 && q.VMs <= alts[len(alts)-1].VMs) {
+			continue
+		}
+		alts = append(alts, Alternative{Budget: b, VMs: q.VMs, Binding: q.Constraints[q.Binding].Name})
+		if len(alts) == maxAlternatives {
+			break
+		}
+	}
+	return alts
 }
 
 // fit is how many needs fit in have.

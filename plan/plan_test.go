@@ -347,3 +347,97 @@ func TestWrite(t *testing.T) {
 		t.Fatalf("plot: %v, %d bytes", err, len(svg))
 	}
 }
+
+// TestInversions: a curve whose p99 falls as the load rises (beyond the
+// tolerance) is reported, pair by pair; a noisy but rising one is not.
+func TestInversions(t *testing.T) {
+	inverted := Curve{Points: []Point{pt(1e6, 21*time.Millisecond), pt(3e6, 9*time.Millisecond), pt(5e6, 5*time.Millisecond)}}
+	if inv := inverted.Inversions(); len(inv) != 2 || inv[0].Lighter.P99 != 21*time.Millisecond || inv[1].Heavier.P99 != 5*time.Millisecond {
+		t.Fatalf("inversions %+v", inv)
+	}
+	noisy := Curve{Points: []Point{pt(1e6, 442*us), pt(3e6, 1048*us), pt(5e6, 1769*us), pt(7e6, 1638*us)}}
+	if inv := noisy.Inversions(); len(inv) != 0 {
+		t.Fatalf("a rising curve with a 8%% dip: inversions %+v", inv)
+	}
+	in := base()
+	in.Curve = inverted
+	in.Budget = 30 * time.Millisecond
+	p, err := Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	if err := p.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "WARNING: the curve is not monotone") || !strings.Contains(b.String(), "p99 21.00ms at 1.00M events/s") {
+		t.Fatalf("the table does not say the curve is inverted:\n%s", b.String())
+	}
+}
+
+// TestAlternatives: when no VM fits the budget, the plan says which of the
+// budgets the curve measured would fit how many.
+func TestAlternatives(t *testing.T) {
+	in := base()
+	in.Budget = 5 * us
+	p, err := Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 10 us: 500k within -> 40 VMs; 20 us: 1M -> 80; 100 us: 1.5M (a lower
+	// bound) -> 120.
+	want := []Alternative{{10 * us, 40, CPU}, {20 * us, 80, CPU}, {100 * us, 120, CPU}}
+	if p.VMs != 0 || len(p.Alternatives) != len(want) {
+		t.Fatalf("%d VMs, alternatives %+v", p.VMs, p.Alternatives)
+	}
+	for i := range want {
+		if p.Alternatives[i] != want[i] {
+			t.Errorf("alternative %d: %+v, want %+v", i, p.Alternatives[i], want[i])
+		}
+	}
+	var b strings.Builder
+	p.WriteTable(&b)
+	if !strings.Contains(b.String(), "no VM fits within the budget of 5µs") || !strings.Contains(b.String(), "a budget of 10.0µs would fit 40 VMs (bound by cpu)") {
+		t.Fatalf("table:\n%s", b.String())
+	}
+	// Memory binds: no budget helps, and the plan says so.
+	in.Workload.TablesPerVM = 1e12
+	if p, _ = Compute(in); len(p.Alternatives) != 0 {
+		t.Fatalf("memory-bound: alternatives %+v", p.Alternatives)
+	}
+}
+
+// TestParsePromLatency: the snapshot's own latency histogram gives its p99
+// and a point of the curve at its mean load.
+func TestParsePromLatency(t *testing.T) {
+	hist := promOut + `# HELP vasengine_callback_latency_seconds Trap-to-callback latency.
+# TYPE vasengine_callback_latency_seconds histogram
+vasengine_callback_latency_seconds_bucket{le="0.001"} 10
+vasengine_callback_latency_seconds_bucket{le="0.01"} 50
+vasengine_callback_latency_seconds_bucket{le="1"} 980
+vasengine_callback_latency_seconds_bucket{le="+Inf"} 1000
+vasengine_callback_latency_seconds_sum 900
+vasengine_callback_latency_seconds_count 1000
+`
+	s, err := ParseProm(strings.NewReader(hist), time.Unix(1.7e9+100, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Callbacks != 1000 || s.P99 != time.Second || !s.P99Beyond {
+		t.Fatalf("callbacks %v, p99 %v beyond %v", s.Callbacks, s.P99, s.P99Beyond)
+	}
+	p, ok := s.Point()
+	if !ok || p.Rate() != 6000 || p.P99 != time.Second {
+		t.Fatalf("point %+v %v", p, ok)
+	}
+	within := strings.ReplaceAll(hist, `le="1"} 980`, `le="1"} 995`)
+	if s, _ = ParseProm(strings.NewReader(within), time.Unix(1.7e9+100, 0)); s.P99 != time.Second || s.P99Beyond {
+		t.Fatalf("p99 in the last finite bucket: %v beyond %v", s.P99, s.P99Beyond)
+	}
+	if s, _ = ParseProm(strings.NewReader(promOut), time.Unix(1.7e9+100, 0)); s.Callbacks != 0 {
+		t.Fatal("no histogram: callbacks counted")
+	}
+	if _, ok := s.Point(); ok {
+		t.Fatal("no histogram: a point")
+	}
+}

@@ -9,6 +9,7 @@ package pprof
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	httppprof "net/http/pprof"
 	"os"
@@ -22,58 +23,122 @@ type Files struct {
 	CPU, Mem, Mutex, Block string
 }
 
-// Start begins the profiles of f and returns a function that stops them
-// and writes the files. The heap profile is taken at stop time, after a GC.
-func Start(f Files) (stop func() error, err error) {
-	var cpu *os.File
-	if f.CPU != "" {
-		if cpu, err = os.Create(f.CPU); err != nil {
-			return nil, fmt.Errorf("pprof: %w", err)
-		}
-		if err = rtpprof.StartCPUProfile(cpu); err != nil {
-			cpu.Close()
+// Writers are where the profiles go; a nil writer skips that profile. The
+// caller owns them (opens, syncs and closes them).
+type Writers struct {
+	CPU, Mem, Mutex, Block io.Writer
+}
+
+// StartTo begins the profiles of w and returns a function that stops them
+// and writes the heap (after a GC), mutex and block profiles. Every error
+// writing a profile is returned, by StartTo or by stop.
+func StartTo(w Writers) (stop func() error, err error) {
+	if w.CPU != nil {
+		if err = rtpprof.StartCPUProfile(w.CPU); err != nil {
 			return nil, fmt.Errorf("pprof: cpu profile: %w", err)
 		}
 	}
 	prevMutex := -1
-	if f.Mutex != "" {
+	if w.Mutex != nil {
 		prevMutex = runtime.SetMutexProfileFraction(5)
 	}
-	if f.Block != "" {
+	if w.Block != nil {
 		runtime.SetBlockProfileRate(10000) // one event per 10 us blocked
 	}
 	return func() error {
 		var errs []error
-		if cpu != nil {
-			rtpprof.StopCPUProfile()
-			errs = append(errs, cpu.Close())
+		if w.CPU != nil {
+			rtpprof.StopCPUProfile() // writes the rest; write errors are not reported by runtime/pprof
 		}
-		if f.Mem != "" {
+		if w.Mem != nil {
 			runtime.GC()
-			errs = append(errs, write("heap", f.Mem))
+			errs = append(errs, writeTo("heap", w.Mem))
 		}
-		if f.Mutex != "" {
-			errs = append(errs, write("mutex", f.Mutex))
+		if w.Mutex != nil {
+			errs = append(errs, writeTo("mutex", w.Mutex))
 			runtime.SetMutexProfileFraction(prevMutex)
 		}
-		if f.Block != "" {
-			errs = append(errs, write("block", f.Block))
+		if w.Block != nil {
+			errs = append(errs, writeTo("block", w.Block))
 			runtime.SetBlockProfileRate(0)
 		}
 		return errors.Join(errs...)
 	}, nil
 }
 
-func write(name, path string) error {
-	out, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("pprof: %w", err)
-	}
-	if err := rtpprof.Lookup(name).WriteTo(out, 0); err != nil {
-		out.Close()
+func writeTo(name string, w io.Writer) error {
+	if err := rtpprof.Lookup(name).WriteTo(w, 0); err != nil {
 		return fmt.Errorf("pprof: %s profile: %w", name, err)
 	}
-	return out.Close()
+	return nil
+}
+
+// Start begins the profiles of f and returns a function that stops them
+// and writes the files. The heap profile is taken at stop time, after a GC.
+// Every create, write and close error is returned.
+func Start(f Files) (stop func() error, err error) {
+	var files []*os.File
+	closeAll := func() error {
+		var errs []error
+		for _, fl := range files {
+			if err := fl.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("pprof: %w", err))
+			}
+		}
+		return errors.Join(errs...)
+	}
+	open := func(path string) (io.Writer, error) {
+		if path == "" {
+			return nil, nil
+		}
+		fl, err := os.Create(path)
+		if err != nil {
+			return nil, fmt.Errorf("pprof: %w", err)
+		}
+		files = append(files, fl)
+		return &sticky{w: fl}, nil
+	}
+	var w Writers
+	for _, p := range []struct {
+		path string
+		dst  *io.Writer
+	}{{f.CPU, &w.CPU}, {f.Mem, &w.Mem}, {f.Mutex, &w.Mutex}, {f.Block, &w.Block}} {
+		if *p.dst, err = open(p.path); err != nil {
+			closeAll()
+			return nil, err
+		}
+	}
+	stopW, err := StartTo(w)
+	if err != nil {
+		closeAll()
+		return nil, err
+	}
+	return func() error {
+		errs := []error{stopW()}
+		for _, x := range []io.Writer{w.CPU, w.Mem, w.Mutex, w.Block} {
+			if s, ok := x.(*sticky); ok && s.err != nil {
+				errs = append(errs, fmt.Errorf("pprof: %w", s.err))
+			}
+		}
+		errs = append(errs, closeAll())
+		return errors.Join(errs...)
+	}, nil
+}
+
+// sticky keeps the first write error (runtime/pprof's CPU profile does not
+// report them).
+type sticky struct {
+	w   io.Writer
+	err error
+}
+
+func (s *sticky) Write(p []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
+	n, err := s.w.Write(p)
+	s.err = err
+	return n, err
 }
 
 // Capture runs fn with CPU, heap, mutex and block profiling and writes

@@ -66,3 +66,38 @@ func TestRegister(t *testing.T) {
 		t.Fatalf("index: %d %q", resp.StatusCode, body[:min(len(body), 200)])
 	}
 }
+
+// TestWriteErrors: a profile that cannot be written is an error of stop,
+// the CPU profile's too (runtime/pprof does not report its write errors).
+func TestWriteErrors(t *testing.T) {
+	if _, err := os.Stat("/dev/full"); err != nil {
+		t.Skip("no /dev/full")
+	}
+	for _, f := range []pprof.Files{{CPU: "/dev/full"}, {Mem: "/dev/full"}, {Mutex: "/dev/full"}, {Block: "/dev/full"}} {
+		stop, err := pprof.Start(f)
+		if err != nil {
+			t.Fatalf("%+v: Start: %v", f, err)
+		}
+		for i := 0; i < 1000; i++ {
+			_ = make([]byte, 1<<10)
+		}
+		if err := stop(); err == nil {
+			t.Errorf("%+v: stop reported no error writing to /dev/full", f)
+		}
+	}
+}
+
+// TestStartToWriters: profiles go to the caller's writers.
+func TestStartToWriters(t *testing.T) {
+	var cpu, mem strings.Builder
+	stop, err := pprof.StartTo(pprof.Writers{CPU: &cpu, Mem: &mem})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if cpu.Len() == 0 || mem.Len() == 0 {
+		t.Fatalf("cpu %d bytes, heap %d bytes", cpu.Len(), mem.Len())
+	}
+}

@@ -1,19 +1,35 @@
 #!/bin/sh
-# qemu-setup.sh: everything the QEMU backend (backends/qemu) needs, cached in
-# build/qemu/ (git-ignored). Idempotent: each step is skipped when its output
-# is already there and up to date.
+# qemu-setup.sh [DIR]: everything the QEMU backend (backends/qemu) needs,
+# cached in DIR, by default the backend's cache folder:
+# $VASENGINE_QEMU_DIR, else $XDG_CACHE_HOME/vasengine/qemu, else
+# $HOME/.cache/vasengine/qemu (vasengine's -qemu-dir flag points elsewhere).
+# Idempotent: each step is skipped when its output is already there and up to
+# date. Runs from any folder; several at once wait for each other (flock).
 #
-#   build/qemu/vmlinuz       Debian's 6.1 cloud kernel (linux-image-6.1.0-*-cloud-amd64-unsigned)
-#   build/qemu/initrd.gz     busybox-static + backends/qemu/guest/init (cpio newc, gzip)
-#   build/qemu/ptstore.so    the page-table store plugin (make -C backends/qemu/plugin)
+#   DIR/vmlinuz       Debian's 6.1 cloud kernel (linux-image-6.1.0-*-cloud-amd64-unsigned)
+#   DIR/initrd.gz     busybox-static + backends/qemu/guest/init (cpio newc, gzip)
+#   DIR/ptstore.so    the page-table store plugin (make -C backends/qemu/plugin)
 #
 # Installs qemu-system-x86, cpio and gcc/make with apt-get when they are
 # missing (needs root). Nothing it downloads is committed.
 set -eu
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-out="$root/build/qemu"
+if [ $# -ge 1 ] && [ -n "$1" ]; then
+	out=$1
+elif [ -n "${VASENGINE_QEMU_DIR:-}" ]; then
+	out=$VASENGINE_QEMU_DIR
+else
+	out="${XDG_CACHE_HOME:-${HOME:?neither XDG_CACHE_HOME nor HOME is set}/.cache}/vasengine/qemu"
+fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# One setup at a time per folder (other worktrees share the cache).
+if command -v flock >/dev/null && [ -z "${VASENGINE_QEMU_SETUP_LOCKED:-}" ]; then
+	export VASENGINE_QEMU_SETUP_LOCKED=1
+	exec flock "$out/.setup.lock" sh "$0" "$out"
+fi
 
 log() { echo "qemu-setup: $*" >&2; }
 
@@ -44,8 +60,7 @@ fi
 
 # fetch PKG DIR: apt-get download PKG and unpack it into DIR.
 fetch() {
-	tmp="$out/tmp"
-	rm -rf "$tmp"
+	tmp=$(mktemp -d "$out/tmp.XXXXXX")
 	mkdir -p "$tmp/x"
 	if ! (cd "$tmp" && apt-get download -qq "$1" 2>/dev/null); then
 		[ -n "$updated" ] || { apt-get update -qq; updated=1; }
@@ -85,8 +100,7 @@ fi
 init="$root/backends/qemu/guest/init"
 if [ ! -s "$out/initrd.gz" ] || [ "$init" -nt "$out/initrd.gz" ] || [ "$out/busybox" -nt "$out/initrd.gz" ]; then
 	log "building initrd.gz"
-	st="$out/initramfs"
-	rm -rf "$st"
+	st=$(mktemp -d "$out/initramfs.XXXXXX")
 	mkdir -p "$st/bin" "$st/dev" "$st/proc" "$st/sys" "$st/tmp"
 	cp "$out/busybox" "$st/bin/busybox"
 	cp "$init" "$st/init"

@@ -39,6 +39,8 @@ type Config struct {
 	// PendingTimeout ends a partial write whose first chunk was trapped
 	// this long before a later event of the shard (vasmon).
 	PendingTimeout time.Duration
+	// Flood is the store's write-flood policy (vasmon.FloodPolicy).
+	Flood vasmon.FloodPolicy
 }
 
 // Counters of one shard, readable at any time. They are published by the
@@ -68,6 +70,9 @@ type Counters struct {
 	BatchSum    atomic.Uint64
 	Steals      atomic.Uint64 // steps run by another thread than the shard's worker
 	SpinNs      atomic.Int64  // time the worker spent polling its idle queue, ns
+	Floods      atomic.Uint64 // pages found flooded (vasmon.FloodPolicy)
+	Polls       atomic.Uint64 // reads of flooded pages
+	Polled      atomic.Int64  // pages flooded now
 }
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
@@ -110,7 +115,9 @@ type local struct {
 	vm              []vmLocal
 	dirty           []uint32 // VM slots changed since the last publish
 	isDirty         []bool
-	epoch           uint64 // the sink's SlotEpoch last seen
+	dequeued        []int32  // events per slot in the current batch
+	inBatch         []uint16 // slots with events in the current batch
+	epoch           uint64   // the sink's SlotEpoch last seen
 
 	// Callbacks invoked but not yet timed (see timeCallbacks).
 	untimed   [maxTimedGroup]untimed
@@ -188,6 +195,11 @@ type Shard struct {
 	cur       uint16 // ticket of the work being done (verdicts)
 	steps     uint64
 
+	// queued counts each VM slot's events in the queue (fair ingest: the
+	// engine holds a VM back once it has more than its share queued and
+	// the queue is half full).
+	queued []atomic.Int32
+
 	Hist   Histogram // callback latencies, published after each step
 	C      Counters
 	VMs    []VMCounters
@@ -213,11 +225,12 @@ func New(cfg Config, sink Sink) *Shard {
 	}
 	st := vasmon.NewStore()
 	st.PendingTimeout = int64(cfg.PendingTimeout)
+	st.Flood = cfg.Flood
 	s := &Shard{cfg: cfg, q: NewRing[Event](cfg.QueueDepth), sink: sink, store: st,
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
-		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(),
+		VMs: make([]VMCounters, cfg.MaxSlots), lhist: NewLocalHist(), queued: make([]atomic.Int32, cfg.MaxSlots),
 		loc: local{group: 1, vm: make([]vmLocal, cfg.MaxSlots), dirty: make([]uint32, 0, cfg.MaxSlots),
-			isDirty: make([]bool, cfg.MaxSlots)}}
+			isDirty: make([]bool, cfg.MaxSlots), dequeued: make([]int32, cfg.MaxSlots), inBatch: make([]uint16, 0, cfg.MaxSlots)}}
 	s.spaceCond.L = &s.spaceMu
 	s.pinned.Store(-1)
 	return s
@@ -247,6 +260,13 @@ func (s *Shard) Processed() uint64 { return s.C.Processed.Load() }
 // Position returns the ingest queue position up to which events have been
 // claimed for processing.
 func (s *Shard) Position() uint64 { return s.q.head.Load() }
+
+// Queued returns how many events of VM slot are in the queue (about).
+func (s *Shard) Queued(slot uint16) int32 { return s.queued[slot].Load() }
+
+// AddQueued counts n events of VM slot queued (the engine, after it queued
+// them).
+func (s *Shard) AddQueued(slot uint16, n int) { s.queued[slot].Add(int32(n)) }
 
 // HasWork reports whether the shard has events or messages waiting.
 func (s *Shard) HasWork() bool { return s.q.Len() > 0 || s.pending.Load() > 0 }
@@ -363,6 +383,11 @@ func (s *Shard) Step(max int) bool {
 	}
 	s.steps++
 	worked := false
+	if e := s.sink.SlotEpoch(); e != s.loc.epoch {
+		// (Before messages too: their callbacks count for the VM's slot.)
+		s.loc.epoch = e
+		s.newSlots()
+	}
 	if s.pending.Load() > 0 {
 		s.drainInbox()
 		worked = true
@@ -375,10 +400,23 @@ func (s *Shard) Step(max int) bool {
 			s.loc.epoch = e
 			s.newSlots()
 		}
+		l := &s.loc
 		for i := range uint64(n) {
-			s.process(s.q.At(pos + i))
+			e := s.q.At(pos + i)
+			if int(e.Slot) < len(l.dequeued) {
+				if l.dequeued[e.Slot] == 0 {
+					l.inBatch = append(l.inBatch, e.Slot)
+				}
+				l.dequeued[e.Slot]++
+			}
+			s.process(e)
 		}
 		s.q.Release(pos, n)
+		for _, slot := range l.inBatch {
+			s.queued[slot].Add(-l.dequeued[slot])
+			l.dequeued[slot] = 0
+		}
+		l.inBatch = l.inBatch[:0]
 		s.wakeSpaceWaiters()
 		s.C.Batches.Add(1)
 		s.C.BatchSum.Add(uint64(n))
@@ -447,6 +485,9 @@ func (s *Shard) publish() {
 	s.C.StaleWrites.Store(st.StaleWrites)
 	s.C.StaleReads.Store(st.StaleReads)
 	s.C.Resyncs.Store(st.Resyncs)
+	s.C.Floods.Store(st.Floods)
+	s.C.Polls.Store(st.Polls)
+	s.C.Polled.Store(int64(st.Polled))
 	s.C.Hooks.Store(st.Hooks)
 	s.C.Unhooks.Store(st.Unhooks)
 	s.tables.Store(int64(st.Tables))

@@ -31,6 +31,7 @@ type Reader struct {
 	pos     int    // next record in blk
 	left    uint32 // records of the block not yet decoded
 	records uint64
+	unknown uint64
 	recOff  int64
 	last    int64
 	ended   bool
@@ -76,6 +77,20 @@ func (r *Reader) Header() Header { return r.hdr }
 
 // Offset returns the byte offset of the record last returned by Next.
 func (r *Reader) Offset() int64 { return r.recOff }
+
+// Records returns the number of records read so far, those of kinds this
+// reader does not know (skipped by Next) included; once Next has returned
+// io.EOF at the end of a complete trace, it is the count the trace's End
+// record gives.
+func (r *Reader) Records() uint64 { return r.records }
+
+// Unknown returns the number of records Next skipped because their kind is
+// unknown to this reader (a later minor version's).
+func (r *Reader) Unknown() uint64 { return r.unknown }
+
+// Ended reports whether the End record was read and checked: the trace is
+// complete.
+func (r *Reader) Ended() bool { return r.ended }
 
 // Bytes returns the number of bytes read so far.
 func (r *Reader) Bytes() int64 { return r.off }
@@ -204,6 +219,7 @@ func (r *Reader) decode() (bool, error) {
 		}
 		r.last += t
 		r.records++
+		r.unknown++
 		return false, nil
 	}
 	d := dec{b: body}

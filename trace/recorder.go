@@ -32,7 +32,10 @@ import (
 //     records a Page record of its content read from the VM's memory. The
 //     read follows the protection, as the engine's own does, so no write
 //     falls between the copy and the protection unrecorded. Page adds a page
-//     on the backend's initiative.
+//     on the backend's initiative. The memory is given to the host as it
+//     is, with its version words if it has them (vasmon.Versioned), and
+//     the events with their stamps; the stamps are not recorded (a replay
+//     stamps its own stores: FORMAT.md).
 //
 // The Recorder is safe for concurrent use: records are encoded under one
 // mutex, never held while calling the host (the host's workers call Protect,

@@ -552,3 +552,30 @@ func TestErrorString(t *testing.T) {
 		t.Fatal("kind names")
 	}
 }
+
+// TestReaderCounts: Records counts every record (unknown kinds included),
+// Unknown the records of unknown kinds, Ended the End record's check.
+func TestReaderCounts(t *testing.T) {
+	ev := rec(KindEvent, 4, 1, 8, 0x10, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE, 0xFF, 0x11, 0x22)
+	r, err := NewReader(bytes.NewReader(cat(header(), block(3, cat(rec(40, 20, 9, 9, 9), ev, endRec(2))))), ReaderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for {
+		_, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Ended() {
+			t.Fatal("ended before the End record")
+		}
+		n++
+	}
+	if n != 1 || r.Records() != 2 || r.Unknown() != 1 || !r.Ended() {
+		t.Fatalf("%d returned, Records %d, Unknown %d, Ended %v", n, r.Records(), r.Unknown(), r.Ended())
+	}
+}

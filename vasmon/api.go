@@ -130,6 +130,7 @@ type VM struct {
 	tables   atomic.Int64
 	refused  atomic.Int64
 	admitted atomic.Int64 // hook requests emitted by steps and not yet run (Store.emitHook)
+	flooded  atomic.Int64 // pages flooded now (polled, not trapped)
 	vers     *guestmem.Versions
 }
 
@@ -147,6 +148,10 @@ func NewVM(id VMID, mem Memory, prot Protector, maxTables int64) *VM {
 
 // Tables returns the number of tables hooked for the VM's roots.
 func (v *VM) Tables() int64 { return v.tables.Load() }
+
+// Flooded returns how many of the VM's pages are flooded now: written so
+// often that they are read now and then instead of trapped (flood.go).
+func (v *VM) Flooded() int64 { return v.flooded.Load() }
 
 // Refused returns how many table hooks the VM's budget refused.
 func (v *VM) Refused() int64 { return v.refused.Load() }

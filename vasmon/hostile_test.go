@@ -294,7 +294,7 @@ func TestHostileAliasFan(t *testing.T) {
 		}
 		r.apply(got)
 		h.verify()
-		if host, n := h.mon.Store().HostBytes(), r.Tables(); host > uintptr(n)*300+24*vasmon.PageSize {
+		if host, n := h.mon.Store().HostBytes(), r.Tables(); host > uintptr(n)*300+26*vasmon.PageSize {
 			t.Fatalf("HostBytes %d for %d tables on %d pages", host, n, h.mon.Store().Stats().Pages)
 		}
 		// One write to the shared page reaches every alias.

@@ -168,9 +168,6 @@ func (s *Store) proveNodes(ph uint32, also *atomic.Uint64, alsoWant uint64, out 
 // guest memory, and tells its parent (OpDropped).
 func (s *Store) dropNode(h uint32, out *Output) {
 	n := s.nodes.at(h)
-	if DebugTrace != nil {
-		DebugTrace("drop node root %d L%d va=%#x", n.root.ID, n.level, n.va)
-	}
 	s.st.StaleReads++
 	if int(n.level) < n.root.Mode.Levels() {
 		p := s.pages.at(n.page)
@@ -199,7 +196,7 @@ func (s *Store) readPage(p *page, mem Memory) (uint64, proof) {
 			if !guestmem.Stable(w) {
 				continue
 			}
-			if w&guestmem.VerProtected == 0 {
+			if w&guestmem.VerProtected == 0 && !p.polled {
 				return 0, proofStale
 			}
 		}
@@ -240,9 +237,6 @@ func (s *Store) resync(ph uint32, out *Output) bool {
 		return false
 	}
 	s.st.Resyncs++
-	if DebugTrace != nil {
-		DebugTrace("resync page %#x", p.pfn*PageSize)
-	}
 	p = s.pages.at(ph)
 	if p.refs == 0 {
 		return true
@@ -323,6 +317,9 @@ func (s *Store) Dirty() int { return len(s.dirty) }
 // again is read. It returns how many pages still wait (guest memory kept
 // changing under them).
 func (s *Store) Flush(out *Output) int {
+	if len(s.polled) > 0 {
+		s.poll(0, true, out)
+	}
 	for len(s.pend) > 0 {
 		pr := s.takePending(len(s.pend) - 1)
 		s.st.FlushedPartial++

@@ -1842,3 +1842,72 @@ func TestStaleWrites(t *testing.T) {
 		ru.stop()
 	})
 }
+
+// Write floods (issue 19, flood.go): a page of level-1 tables written more
+// than Flood.Writes times within Flood.Window is no longer protected; it is
+// read when an event comes Flood.Interval after its last read, and at a
+// Flush, which reports what changed (the oracle holds at quiescent points);
+// after Flood.Quiet reads that find it unchanged it is protected again. A
+// page that holds a table above level 1 is never polled.
+func TestRuleWriteFlood(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		h := newHarness(t, mode)
+		h.mon.Store().Flood = vasmon.FloodPolicy{Writes: 100, Window: 1_000_000, Interval: 1000, Quiet: 3}
+		cr3 := h.table()
+		t1 := h.path(cr3, vaX, 1, false)
+		t2 := h.path(cr3, vaX, 2, false)
+		other := h.path(cr3, vaX+uint64(mode.Entries(1))*kb4, 1, false)
+		i := h.idx(vaX, 1)
+		r := h.start(cr3, monAll, vasmon.Options{})
+		vm := h.mon.VM(1)
+		var trap int64
+		write := func(t uint64, i int, v uint64) vasmon.WriteKind {
+			w := h.g.SetEntry(t, i, v)
+			trap += 10
+			w.Trap = trap
+			if w.Ver == 0 {
+				return vasmon.WriteUntracked // not protected: not trapped, no event
+			}
+			return h.write(w)
+		}
+		for k := 0; k < 100; k++ {
+			write(t1, i, h.leaf(uint64(k+1)<<12, 1))
+		}
+		r.take(true, h.rec.Peek(r)...)
+		if vm.Flooded() != 1 || h.prot.Protected(t1) {
+			t.Fatalf("after 100 writes in a window: %d pages flooded, protected %v", vm.Flooded(), h.prot.Protected(t1))
+		}
+		// The page of a table above level 1 keeps trapping.
+		for k := 0; k < 200; k++ {
+			write(t2, h.idx(vaX, 2)+5, uint64(k%2)*h.leaf(0x40000000, 2))
+		}
+		r.take(true, h.rec.Peek(r)...)
+		if vm.Flooded() != 1 || !h.prot.Protected(t2) {
+			t.Fatalf("a page directory flooded: %d, protected %v", vm.Flooded(), h.prot.Protected(t2))
+		}
+		// Writes of the flooded page no longer trap; an event of the store
+		// an interval later reads it and reports the difference.
+		last := h.leaf(0x77000, 1)
+		if write(t1, i, last) != vasmon.WriteUntracked || write(t1, i+1, last) != vasmon.WriteUntracked {
+			t.Fatal("a write of the flooded page trapped")
+		}
+		trap += 1000
+		write(other, 3, h.leaf(0x3000, 1))
+		r.take(false, ev{VA: vaX, Old: h.leaf(100<<12, 1), New: last, Size: kb4}, ev{VA: vaX + kb4, Old: 0, New: last, Size: kb4},
+			ev{VA: (vaX+uint64(mode.Entries(1))*kb4)&^(uint64(mode.Entries(1))*kb4-1) + 3*kb4, Old: 0, New: h.leaf(0x3000, 1), Size: kb4})
+		// Quiet: after 3 reads that find nothing new, trapped again.
+		for k := 0; k < 4 && vm.Flooded() > 0; k++ {
+			trap += 1000
+			write(other, 4, h.leaf(uint64(k+5)<<12, 1))
+		}
+		r.take(true, h.rec.Peek(r)...)
+		if vm.Flooded() != 0 || !h.prot.Protected(t1) {
+			t.Fatalf("quiet page: %d flooded, protected %v", vm.Flooded(), h.prot.Protected(t1))
+		}
+		if st := h.mon.Store().Stats(); st.Floods != 1 || st.Polls < 4 {
+			t.Fatalf("stats %+v", st)
+		}
+		h.verify() // trapped again: the oracle, the tables and protections hold
+		r.stop()
+	})
+}

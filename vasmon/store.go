@@ -147,6 +147,13 @@ type page struct {
 	esz    uint8  // entry size of the tables on the page
 	dirty  bool   // on the dirty list: to be read again
 	reads  uint32 // times the page was read again (resync)
+	// Write floods (see flood.go).
+	// ft is the Write.Trap that opened the current counting window, or
+	// of the last read while the page is polled.
+	ft     int64
+	fcount uint32 // writes in the window
+	polled bool   // flooded: no longer protected, read again now and then
+	quiet  uint8  // polls in a row that found the page unchanged
 }
 
 // node is one occurrence of a table in a root's tree.
@@ -226,6 +233,10 @@ type Store struct {
 	// more than this long (Write.Trap nanoseconds) before a later event
 	// of the store; 0: DefaultPendingTimeout.
 	PendingTimeout int64
+	// Flood is the write-flood policy (see flood.go); the zero value is
+	// the default.
+	Flood  FloodPolicy
+	polled []uint32 // pages flooded, polled
 }
 
 // StoreStats counts a store's events by outcome.
@@ -250,9 +261,12 @@ type StoreStats struct {
 	ForcedPartial  uint64 // partial writes completed early because maxPending was reached
 	ExpiredPartial uint64 // partial writes completed after PendingTimeout
 	FlushedPartial uint64 // partial writes completed by Flush, an unhook or a read of their page
+	Floods         uint64 // pages found flooded (polled instead of trapped)
+	Polls          uint64 // reads of flooded pages
 	Pages          int
 	Tables         int
 	Dirty          int // pages waiting to be read again
+	Polled         int // pages flooded now
 }
 
 // NewStore returns an empty store.
@@ -267,6 +281,7 @@ func (s *Store) Stats() StoreStats {
 	st.Pages = s.pages.live
 	st.Tables = s.nodes.live
 	st.Dirty = len(s.dirty)
+	st.Polled = len(s.polled)
 	return st
 }
 
@@ -366,6 +381,9 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 	if w.Trap != 0 && len(s.pend) > 0 {
 		s.expire(w.Trap, out)
 	}
+	if w.Trap != 0 && len(s.polled) > 0 {
+		s.poll(w.Trap, false, out)
+	}
 	gpa, end := w.GPA, w.GPA+uint64(w.Size)
 	data := w.Data
 	ver := w.Ver
@@ -374,10 +392,6 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 		pageEnd := (gpa | (PageSize - 1)) + 1
 		partEnd := min(end, pageEnd)
 		ph := s.findPage(vm, gpa/PageSize)
-		if ph != 0 && DebugTrace != nil {
-			p := s.pages.at(ph)
-			DebugTrace("write vm %d gpa=%#x size=%d ver=%d rseq=%d seq=%d", vm, gpa, partEnd-gpa, ver, p.rseq, p.seq)
-		}
 		if ph != 0 {
 			p := s.pages.at(ph)
 			switch {
@@ -407,6 +421,9 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 		}
 		p := s.pages.at(ph)
 		p.writes++
+		if w.Trap != 0 && !p.polled {
+			s.countFlood(ph, vm, w.Trap)
+		}
 		esz := uint64(p.esz)
 		reads := p.reads
 		for gpa < partEnd {
@@ -519,9 +536,6 @@ func (s *Store) step(h uint32, i int, old, new uint64, out *Output) bool {
 	level := int(n.level)
 	ok, nk := m.Classify(old, level), m.Classify(new, level)
 	relevant := false
-	if DebugTrace != nil {
-		DebugTrace("step root %d L%d va=%#x entry %d: %#x -> %#x", r.ID, n.level, n.va, i, old, new)
-	}
 	if ok == KindTable && (nk != KindTable || m.TableAddr(old) != m.TableAddr(new)) && s.emitUnhook(n, i, old, out) {
 		relevant = true
 	}

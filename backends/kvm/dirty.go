@@ -26,7 +26,8 @@ import (
 // What it cannot see: the intermediate values of an entry written several
 // times between two harvests (only the last one is reported, so a mapping
 // made and removed in between is never seen), the order of writes within a
-// harvest interval, and the writer's RIP. Choose it when the cost of a trap
+// harvest interval, and the writer's RIP; nor can it prove the engine's
+// reads of guest memory (no version words: doc.go, "Dirty mode"). Choose it when the cost of a trap
 // per page-table write (trap mode) is too high and a delayed, coalesced view
 // of the address spaces is enough; choose trap mode for exact, synchronous
 // events.

@@ -43,10 +43,24 @@
 // the pause, 3 guests of 3 triple-faulted within 200 iterations). A guest write to a protected page exits as
 // KVM_EXIT_MMIO; the vCPU's thread, under a per-VM lock, reads the old
 // entry, applies the write to guest RAM (atomically per aligned word),
-// stamps shard.Now and submits one shard.Event with the RIP (from KVM's
-// sync regs, when available), so writes to one entry reach the engine in
-// the order they were applied, across vCPUs. MMIO reads (a page whose slot
+// stamps shard.Now and submits one shard.Event (with the RIP from KVM's
+// sync regs, when available, unless the event is stamped: see Versions
+// below), so writes to one entry reach the engine in the order they were
+// applied, across vCPUs. MMIO reads (a page whose slot
 // is momentarily missing) are served from guest RAM.
+//
+// Versions: in trap mode the engine reads guest memory with the version
+// word of each page (guestmem.Versions, vasmon.Versioned), which prove its
+// reads against the guest's writes (SEMANTICS.md section 6, "No
+// phantoms"). A flip sets or clears the page's protected bit while the
+// slot is missing and the vCPUs are held out, so no guest write lands while
+// the bit and the slot disagree; a trapped write to a protected page is
+// counted on the word while it is applied (BeginWrite before, EndWrite
+// after) and its event carries that count (Ver). A stamped event goes
+// without its RIP: the stamp tells a trap delivered twice, and the engine's
+// test on RIPs (the same RIP and bytes as the last chunk applied to the
+// entry) would also drop a store repeated after its entry changed through
+// a read of its page.
 //
 // Shadow paging (kvm_pvm; kvm_intel ept=0; kvm_amd npt=0): KVM's shadow
 // page tables never see a write applied from user space, so the guest
@@ -61,7 +75,13 @@
 //
 // Nothing is write-protected; the KVM dirty ring logs dirtied pages, which
 // are diffed against shadow copies of the hooked tables (see dirty.go for
-// what this cannot see, and when to choose it).
+// what this cannot see, and when to choose it). The memory is given to the
+// engine without version words: the guest's writes reach memory untrapped
+// and uncounted, so a version word would claim a page unchanged across a
+// read the guest wrote under; stamping the harvested events (Trap, at
+// submission) would count them only long after they landed. Without
+// versions the engine proves what it reads by walking guest memory again
+// (a best effort).
 //
 // # Concurrency, ownership, allocation
 //

@@ -17,6 +17,7 @@ import (
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/guestmem"
 	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/vasmon"
 )
@@ -88,6 +89,12 @@ type VM struct {
 	prot    []bool // per pool page, guarded by slotMu
 	logging bool   // dirty mode: slots carry KVM_MEM_LOG_DIRTY_PAGES
 
+	// ver is the version word of every page (trap mode; nil in dirty
+	// mode): the protected bits, kept by flip, and the count of the
+	// trapped writes applied by mmio. The engine reads guest memory with
+	// them (hostMemory).
+	ver *guestmem.Versions
+
 	// writeMu orders apply+submit of trapped writes across vCPUs.
 	writeMu sync.Mutex
 
@@ -146,7 +153,7 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (*VM, error) {
 		return nil, err
 	}
 	vm.host, vm.req = host, req
-	if err := host.AddVM(vm.cfg.ID, vm, vm, 0); err != nil {
+	if err := host.AddVM(vm.cfg.ID, vm.hostMemory(), vm, 0); err != nil {
 		vm.release()
 		return nil, err
 	}
@@ -210,6 +217,8 @@ func newVM(cfg VMConfig) (_ *VM, err error) {
 		if err := vm.initDirty(); err != nil {
 			return nil, err
 		}
+	} else {
+		vm.ver = guestmem.NewVersions(ramSize)
 	}
 	vm.ram, err = unix.Mmap(-1, 0, ramSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 	if err != nil {
@@ -531,10 +540,19 @@ func (v *vcpu) mmio(now int64) error {
 	if vm.cfg.corrupt != nil {
 		data = vm.cfg.corrupt(gpa, data)
 	}
+	ver, ver2 := vm.beginWrite(gpa, n)
 	vm.storeBytes(gpa, int(n), data)
+	vm.endWrite(gpa, n, ver, ver2)
 	vm.st.traps.Add(1)
 	if vm.dirty == nil && !vm.cfg.Null {
-		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now}
+		if ver != 0 || ver2 != 0 {
+			// The stamp tells a trap delivered twice; the engine's
+			// test on RIPs would also drop a store repeated after its
+			// entry changed through a read of its page (sim, vcpu.store).
+			rip = 0
+		}
+		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now,
+			Ver: ver, Ver2: ver2}
 		if vm.cfg.timing {
 			t := shard.Now()
 			vm.submit(v.ev[:])
@@ -548,6 +566,34 @@ func (v *vcpu) mmio(now int64) error {
 		return vm.zapShadows()
 	}
 	return nil
+}
+
+// beginWrite marks a trapped write of n bytes at gpa as in progress on the
+// version word of each protected page it touches (one, unless the write
+// crosses a page boundary, which KVM's emulator splits into two exits
+// anyway) and returns the stamps (0: no versions, or not protected).
+func (vm *VM) beginWrite(gpa uint64, n uint32) (ver, ver2 uint32) {
+	if vm.ver == nil {
+		return 0, 0
+	}
+	last := gpa + uint64(n) - 1
+	if vm.ver.Protected(gpa) {
+		ver = vm.ver.BeginWrite(gpa)
+	}
+	if last/4096 != gpa/4096 && vm.ver.Protected(last) {
+		ver2 = vm.ver.BeginWrite(last)
+	}
+	return ver, ver2
+}
+
+// endWrite ends the writes beginWrite began.
+func (vm *VM) endWrite(gpa uint64, n uint32, ver, ver2 uint32) {
+	if ver != 0 {
+		vm.ver.EndWrite(gpa)
+	}
+	if ver2 != 0 {
+		vm.ver.EndWrite(gpa + uint64(n) - 1)
+	}
 }
 
 // zapShadows makes KVM drop its shadow page tables, so that the guest's
@@ -727,6 +773,22 @@ func (v *vcpu) release() {
 	}
 }
 
+// hostMemory returns the VM's memory as the engine reads it: with the
+// version words of its pages in trap mode (vasmon.Versioned), without in
+// dirty mode, whose writes are not trapped (see dirty.go).
+func (vm *VM) hostMemory() vasmon.Memory {
+	if vm.ver == nil {
+		return vm
+	}
+	return versioned{vm}
+}
+
+// versioned is a trap-mode VM's memory with its version words.
+type versioned struct{ *VM }
+
+// Versions implements vasmon.Versioned.
+func (m versioned) Versions() *guestmem.Versions { return m.ver }
+
 // Read implements vasmon.Memory: it copies guest RAM, reading aligned
 // 8-byte words atomically (the guest and other vCPUs write concurrently).
 func (vm *VM) Read(gpa uint64, dst []byte) error {
@@ -841,7 +903,11 @@ func (vm *VM) flip(gpa uint64, ro bool) error {
 	if err := setRegion(vm.vmFd, uint32(1+i), 0, gpa, 0, nil); err != nil {
 		return err
 	}
+	// The vCPUs are out of KVM_RUN (unless noPause): no guest write
+	// lands while the protected bit and the slot disagree.
+	vm.ver.SetProtected(gpa, ro)
 	if err := setRegion(vm.vmFd, uint32(1+i), flags, gpa, 4096, vm.ram[gpa:]); err != nil {
+		vm.ver.SetProtected(gpa, !ro)
 		return err
 	}
 	vm.prot[i] = ro

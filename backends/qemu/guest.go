@@ -36,8 +36,6 @@ const drainPoll = 50 * time.Microsecond
 // callbacks); tests set it through export_test.go.
 var unversioned bool
 
-var DebugRecord func(gpa, val uint64, ver, size uint32, sgpa uint64)
-
 // Guest is one running QEMU guest monitored on an engine.Host.
 type Guest struct {
 	ID   vasmon.VMID
@@ -352,9 +350,6 @@ func (g *Guest) drain() {
 				}
 			}
 			g.watchRoot(r)
-			if DebugRecord != nil {
-				DebugRecord(r.GPA, r.Val, r.Ver, r.Size, r.StoreGPA)
-			}
 			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, Size: 8, Trap: r.TS - g.clockOff, Ver: r.Ver})
 		})
 		if n > 0 {

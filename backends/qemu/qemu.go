@@ -7,15 +7,18 @@
 // Write protection is the protected bit of each guest page's version word
 // (guestmem.Versions) in a shared-memory control file: the Protector sets
 // and clears it exactly where an EPT write hook would be set and cleared. A
-// QEMU plugin (plugin/ptstore.c, built into build/qemu/ptstore.so) tests
-// every guest store to RAM against its page's word and, for a store to a
-// protected page, pushes one record per 8-byte entry the store touched: the
-// entry's address, its whole value read from guest RAM after the store, and
-// the store's stamp on the page's version word. The backend submits each
-// record as a shard.Event of Size 8 at the aligned entry address with that
-// value as Data (no HasOld: the engine's shadow gives the old value), the
-// stamp as Ver, the plugin's time of the store (Trap, on shard.Now's clock)
-// and the storing instruction's address (RIP). Events of one VM are submitted in ring order, which for records of
+// QEMU plugin (plugin/ptstore.c, built into ptstore.so in the cache folder,
+// DefaultDir) tests every guest store to RAM against its page's word and,
+// for a store to a protected page, pushes one record per 8-byte entry the
+// store touched: the entry's address, its whole value read from guest RAM
+// after the store, and the store's stamp on the page's version word. The
+// backend submits each record as a shard.Event of Size 8 at the aligned
+// entry address with that value as Data (no HasOld: the engine's shadow
+// gives the old value), the stamp as Ver and the plugin's time of the store
+// (Trap, on shard.Now's clock). Stamped events go without the storing
+// instruction's address (RIP): the engine's duplicate test on RIPs would
+// drop a store repeated after its entry changed through a read; the stamps
+// tell deliveries apart. Events of one VM are submitted in ring order, which for records of
 // one entry is the order of their reads of guest RAM, so the last event of an
 // entry always carries its current value. The plugin never drops a record
 // unless the backend stops draining for 10 s (Counters.Drops, which must stay
@@ -85,7 +88,7 @@
 // socket (under /dev/shm), so several run at once. The guest is Debian's 6.1
 // cloud kernel with a busybox initramfs whose /init runs the workload named
 // on the kernel command line (guest/init; scripts/qemu-setup.sh builds all of
-// it into build/qemu).
+// it into the cache folder, DefaultDir: $XDG_CACHE_HOME/vasengine/qemu).
 package qemu
 
 import (
@@ -118,7 +121,8 @@ type Config struct {
 	VCPUs    int           // vCPUs per guest; 0: 1
 	FirstVM  vasmon.VMID   // VM IDs are FirstVM, FirstVM+1, ...; 0: 1
 
-	// Dir holds vmlinuz, initrd.gz and ptstore.so; "": DefaultDir().
+	// Dir holds vmlinuz, initrd.gz and ptstore.so; "": DefaultDir(), the
+	// user's cache folder.
 	Dir  string
 	QEMU string // the emulator binary; "": qemu-system-x86_64
 	// SampleEvery is the CR3 sampling period; 0: 20 ms.
@@ -188,27 +192,19 @@ func (c *Config) defaults() error {
 	return nil
 }
 
-// DefaultDir returns build/qemu under the module root (the first directory
-// upwards from the working directory that holds go.mod), or
-// $VASENGINE_QEMU_DIR if set.
+// DefaultDir returns the folder of the kernel, initramfs and plugin:
+// $VASENGINE_QEMU_DIR if set, else vasengine/qemu in the user's cache
+// folder ($XDG_CACHE_HOME, else $HOME/.cache), where scripts/qemu-setup.sh
+// puts them. It does not depend on the working directory.
 func DefaultDir() (string, error) {
 	if d := os.Getenv("VASENGINE_QEMU_DIR"); d != "" {
 		return d, nil
 	}
-	d, err := os.Getwd()
+	d, err := os.UserCacheDir()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("qemu: no cache folder (%v): set Config.Dir or VASENGINE_QEMU_DIR", err)
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			return filepath.Join(d, "build", "qemu"), nil
-		}
-		p := filepath.Dir(d)
-		if p == d {
-			return "", errors.New("qemu: no go.mod above the working directory: set Config.Dir")
-		}
-		d = p
-	}
+	return filepath.Join(d, "vasengine", "qemu"), nil
 }
 
 // Artifacts returns the paths of the kernel, initramfs and plugin in dir, or
@@ -217,7 +213,7 @@ func Artifacts(dir string) (kernel, initrd, plugin string, err error) {
 	kernel, initrd, plugin = filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz"), filepath.Join(dir, "ptstore.so")
 	for _, p := range []string{kernel, initrd, plugin} {
 		if _, e := os.Stat(p); e != nil {
-			err = errors.Join(err, fmt.Errorf("qemu: %s missing (run scripts/qemu-setup.sh)", p))
+			err = errors.Join(err, fmt.Errorf("qemu: %s missing (scripts/qemu-setup.sh or `make qemu` puts it in %s)", p, dir))
 		}
 	}
 	return

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -59,7 +58,7 @@ func prepare() string {
 	}
 	// The script is idempotent and quick when everything is up to date; it
 	// rebuilds the initramfs and the plugin when their sources changed.
-	script := filepath.Join(dir, "..", "..", "scripts", "qemu-setup.sh")
+	script, _ := filepath.Abs(filepath.Join("..", "..", "scripts", "qemu-setup.sh")) // the test runs in backends/qemu
 	if _, err := os.Stat(script); err != nil {
 		if err := ready(); err != nil {
 			return fmt.Sprintf("%v, and no setup script at %s", err, script)
@@ -69,7 +68,7 @@ func prepare() string {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil && os.Geteuid() != 0 {
 		return "qemu-system-x86_64 is not installed and the tests are not root to apt-get it"
 	}
-	cmd := exec.Command("sh", script)
+	cmd := exec.Command("sh", script, dir)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Sprintf("%s failed: %v\n%s", script, err, out)
 	}
@@ -105,8 +104,11 @@ type tracked struct {
 // The engine's shard count is VASENGINE_QEMU_SHARDS (default 2), the
 // guest's vCPUs VASENGINE_QEMU_VCPUS (default 1). VASENGINE_QEMU_UNVERSIONED=1
 // gives the engine guest RAM without its version words, so that it cannot
-// prove its reads (the behaviour before issue 17): the phantom check then
-// finds phantoms on most runs and the test fails, showing that it can.
+// prove its reads (the behaviour before issue 17), to see what the proofs
+// prevent: phantoms then depend on the guest reusing a freed table page
+// before the engine reads it, which is rare with this workload (none in the
+// run made when this was written); TestCheckEntry shows the check finds
+// the phantoms issue 17 saw.
 func TestLinuxForkOracle(t *testing.T) {
 	needQEMU(t)
 	if os.Getenv("VASENGINE_QEMU_UNVERSIONED") == "1" {
@@ -134,26 +136,6 @@ func TestLinuxForkOracle(t *testing.T) {
 	var compared, applied, retired, mappings int
 	check := func(when string) {
 		t.Helper()
-		wd := time.AfterFunc(15*time.Second, func() {
-			if os.Getenv("VASQ_TRACE") == "" {
-				return
-			}
-			traceDump("/tmp/vasq_trace_hang.txt")
-			buf := make([]byte, 8<<20)
-			n := runtime.Stack(buf, true)
-			st := e.Stats()
-			var b strings.Builder
-			fmt.Fprintf(&b, "stats %+v\n", st)
-			for i, sh := range e.Shards() {
-				fmt.Fprintf(&b, "shard %d: held %d retrying %d dirty %d partial %d haswork %v\n", i, sh.C.Held.Load(), sh.C.Retrying.Load(), sh.C.Dirty.Load(), sh.C.Partial.Load(), sh.HasWork())
-			}
-			for _, r := range g.Roots() {
-				fmt.Fprintf(&b, "root %s id %d stopped %v tables %d\n", r.Info.Name, r.Root.ID, r.Root.Stopped(), r.Root.Tables())
-			}
-			fmt.Fprintf(&b, "guest %+v\n", g.Stats())
-			os.WriteFile("/tmp/vasq_hang.txt", append([]byte(b.String()), buf[:n]...), 0o644)
-		})
-		defer wd.Stop()
 		if err := g.Pause(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -171,20 +153,6 @@ func TestLinuxForkOracle(t *testing.T) {
 			dump, _ := e.Dump(context.Background(), r.Root)
 			if d := tablesDiff(g.Memory(), r.Root, dump); d != "" {
 				t.Errorf("%s: root %s: hooked tables differ from memory: %s", when, r.Info.Name, d)
-				if os.Getenv("VASQ_TRACE") != "" {
-					var subs []string
-					for _, f := range strings.Fields(d) {
-						if strings.HasPrefix(f, "0x") || strings.HasPrefix(f, "va=") {
-							subs = append(subs, strings.TrimSuffix(f, ";"))
-						}
-						var x uint64
-						if _, err := fmt.Sscanf(f, "0x%x", &x); err == nil {
-							subs = append(subs, fmt.Sprintf("%#x", x|0x67))
-						}
-					}
-					traceDump("/tmp/vasq_trace.txt")
-					t.Logf("trace (%d lines) dumped to /tmp/vasq_trace.txt; subs %v", tr.n, subs)
-				}
 			}
 			tr := base[r.Info]
 			if tr == nil {
@@ -277,9 +245,6 @@ func checkPhantoms(t *testing.T, g *qemu.Guest, s qemu.GuestStats) {
 			fmt.Fprintf(&b, "\n  %v", p)
 		}
 		t.Errorf("VM %d: %d phantom callbacks; the first:%s", s.VM, s.Phantoms, b.String())
-		if os.Getenv("VASQ_TRACE") != "" {
-			traceDump("/tmp/vasq_trace.txt")
-		}
 	}
 }
 

@@ -50,8 +50,6 @@ type rootState struct {
 	why   atomic.Int32
 }
 
-var DebugLife func(string, ...any)
-
 // Root is an address space the backend monitors.
 type Root struct {
 	Info *backends.RootInfo // the callback context
@@ -126,9 +124,6 @@ func (g *Guest) watchRoot(r *record) {
 		return
 	}
 	if st.dying.CompareAndSwap(false, true) {
-		if DebugLife != nil {
-			DebugLife("flag death root %#x why %d at rec gpa=%#x val=%#x", st.gpa, why, r.GPA, r.Val)
-		}
 		st.why.Store(why)
 		select {
 		case g.ops <- op{kind: opDeath, st: st}:
@@ -328,9 +323,6 @@ func (g *Guest) startRoot(gpa uint64, mode vasmon.Mode) {
 		return
 	}
 	st.root.Store(r)
-	if DebugLife != nil {
-		DebugLife("started root %#x id %d", gpa, r.ID)
-	}
 	g.ls.started.Add(1)
 	g.ls.live.Add(1)
 	// If the drainer flagged it during Start, its opDeath is queued.
@@ -345,9 +337,6 @@ func (g *Guest) stopRoot(st *rootState) {
 	defer cancel()
 	if err := g.host.Stop(ctx, r); err != nil && !errors.Is(err, vasmon.ErrUnknownRoot) {
 		g.ls.stopFailed.Add(1)
-	}
-	if DebugLife != nil {
-		DebugLife("stopped root %#x id %d", st.gpa, r.ID)
 	}
 	g.ls.stopped[st.why.Load()].Add(1)
 	g.ls.live.Add(-1)

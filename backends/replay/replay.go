@@ -4,11 +4,29 @@
 // # Contract
 //
 // Ownership: Run owns, per VM of the trace, a sparse guestmem.Memory of the
-// recorded RAM size and a Protector that records the set of protected pages.
-// It applies the records in stream order: a Page record's content and each
+// recorded RAM size, the version word of each of its pages
+// (guestmem.Versions; not kept for a guest above 64 GiB) and a Protector
+// that records the set of protected pages and keeps their protected bits.
+// The host reads the memory with its version words (vasmon.Versioned). Run
+// applies the records in stream order: a Page record's content and each
 // event's bytes are written to the VM's memory, then the events are submitted
 // (consecutive events of one VM in batches of up to 256, stamped at
-// submission); VMs are added and removed, roots started and stopped (with the
+// submission). An event's bytes written to a page protected at that moment
+// are a trapped store, as in the recorded guest: counted on the page's
+// version word around the write (BeginWrite, EndWrite), and the event
+// carries that count (Ver, Ver2 for the second page of a store that crosses
+// one); the protection is tested again after the write, so that a page
+// protected meanwhile sees the store either in the host's read of it or
+// stamped after the fact (Trap). Events written to unprotected pages are
+// submitted unstamped: the host drops them, their bytes already in memory
+// when it reads the page. An event's old value (if it has one) is read from
+// the replay's memory before the write, as a backend reads its guest's: the
+// recorded one is the recorded guest's, whose stores the recording engine
+// did not trap reach the trace only through Page records, which may follow
+// the events. A stamped event is submitted without its RIP: the stamp tells
+// a trap delivered twice, and the engine's test on RIPs (the same RIP and
+// bytes as the last chunk applied to the entry) would also drop a store
+// repeated after the entry changed through a read of its page. VMs are added and removed, roots started and stopped (with the
 // request's monitored bits, callback and options, or the recorded ones with
 // AsRecorded; the callback's context is a *backends.RootInfo). When Run
 // returns, the VMs and roots the trace left registered stay registered with
@@ -17,13 +35,15 @@
 // Pages hooked early: the engine hooks a table asynchronously, so the replay
 // engine may hook a page (and read it) before the reader reaches the Page
 // record the recording engine wrote for the same hook. When a Page record
-// changes a page that is protected at that moment, Run submits one 8-byte
-// write event (without old value) per word that changed, as a backend would
-// trap the guest's stores; the engine compares each with its copy, so every
-// root still satisfies the oracle against the replayed memory. Protection
-// precedes reading in the engine, so a page not yet protected when its Page
-// record is written is read with that content. Summary.Synthetic counts those
-// events.
+// changes a page that is protected at that moment, Run writes it one 8-byte
+// word at a time, each a trapped store (stamped as above) submitted as a
+// write event without old value, as a backend would trap the guest's
+// stores; the engine compares each with its copy, so every root still
+// satisfies the oracle against the replayed memory. Protection precedes
+// reading in the engine, so a page not yet protected when its Page record is
+// written is read with that content (a page protected while it is written
+// has its changed words stamped after the fact and submitted too).
+// Summary.Synthetic counts those events.
 //
 // Roots: before starting a root, Run waits until the events it submitted
 // have been processed, if the host has a Sync method (engine.Engine does). The
@@ -88,27 +108,109 @@ type Options struct {
 	Batch int
 }
 
-// Summary says what a replay did.
+// Summary says what a replay did. It accounts for every record of the
+// trace: Records == sum of Read == Applied + the skipped ones (SkippedNoVM,
+// SkippedNoRoot); Unknown records were skipped by the reader before that.
+// What reaches the host's Submit: Events + Synthetic, plus Retried in the
+// engine's non-blocking mode.
 type Summary struct {
-	Records   int64 // records applied
+	Records   int64 // records read (of known kinds)
+	Read      [NumKinds]int64
+	Applied   int64 // records applied to the host or to guest memory
 	Events    int64 // events of the trace submitted
 	Synthetic int64 // write events made up for pages hooked before their Page record
-	Pages     int64 // Page records applied
-	Skipped   int64 // records of a VM not registered (e.g. events that raced a RemoveVM)
-	VMs       int   // VMs added
-	Roots     int   // roots started
-	Bytes     int64 // trace bytes read
-	Span      time.Duration
-	Damage    error               // with Salvage: the damage that ended the trace early
-	Live      map[vasmon.VMID]*VM // VMs registered when Run returned
+	// SyntheticPages are the Page records that made synthetic events.
+	SyntheticPages int64
+	Retried        int64 // events submitted again after the host refused them (engine.ErrOverload)
+	Pages          int64 // Page records applied
+	// Skipped is every record skipped: SkippedNoVM (by kind: records of a
+	// VM not registered, e.g. events that raced a RemoveVM while recording)
+	// plus SkippedNoRoot (RootStop records of a root not started).
+	Skipped       int64
+	SkippedNoVM   [NumKinds]int64
+	SkippedNoRoot int64
+	// Unknown are records of kinds this reader does not know (a later
+	// minor version of the format), skipped by the reader.
+	Unknown int64
+	// TraceRecords is the record count of the trace's End record (0 if the
+	// replay did not reach it: damage, or ctx ended first); Complete says
+	// it was reached and checked.
+	TraceRecords int64
+	Complete     bool
+	VMs          int   // VMs added
+	Roots        int   // roots started
+	Bytes        int64 // trace bytes read
+	Span         time.Duration
+	Damage       error               // with Salvage: the damage that ended the trace early
+	Live         map[vasmon.VMID]*VM // VMs registered when Run returned
 }
+
+// NumKinds sizes the per-kind counts of a Summary (indexed by trace.Kind).
+const NumKinds = int(trace.KindEvent) + 1
 
 // VM is a replayed guest.
 type VM struct {
 	ID    vasmon.VMID
 	Mem   *guestmem.Memory
+	Ver   *guestmem.Versions      // the version words of Mem's pages; nil above maxVersioned
 	Roots map[uint64]*vasmon.Root // running roots by CR3
 	prot  *protector
+	esz   int // entry size of the paging mode of its last root started (8 before any)
+}
+
+// maxVersioned is the largest guest RAM whose version words are kept (8
+// bytes per page, allocated up front): a larger guest's memory is given to
+// the host unversioned.
+const maxVersioned = 1 << 36
+
+// memory is a VM's memory with its version words (vasmon.Versioned).
+type memory struct {
+	*guestmem.Memory
+	ver *guestmem.Versions
+}
+
+// Versions implements vasmon.Versioned.
+func (m memory) Versions() *guestmem.Versions { return m.ver }
+
+// hostMemory returns the VM's memory as the host reads it.
+func (v *VM) hostMemory() vasmon.Memory {
+	if v.Ver == nil {
+		return v.Mem
+	}
+	return memory{v.Mem, v.Ver}
+}
+
+// protected reports whether the page holding gpa is write-protected now.
+func (v *VM) protected(gpa uint64) bool { return v.Ver != nil && v.Ver.Protected(gpa) }
+
+// write stores the low size bytes of data at gpa, as the recorded guest
+// did, and returns the stamps of the trapped store: on gpa's page and, for a
+// store that crosses into the next page, on that one (see the package
+// comment).
+func (v *VM) write(gpa uint64, size uint8, data uint64) (ver, ver2 uint32) {
+	last := gpa + uint64(size) - 1
+	split := last/trace.PageSize != gpa/trace.PageSize
+	p1, p2 := v.protected(gpa), split && v.protected(last)
+	if p1 {
+		ver = v.Ver.BeginWrite(gpa)
+	}
+	if p2 {
+		ver2 = v.Ver.BeginWrite(last)
+	}
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], data)
+	_ = v.Mem.Write(gpa, b[:size]) // outside RAM: the engine ignores it too
+	if p1 {
+		v.Ver.EndWrite(gpa)
+	} else if v.protected(gpa) {
+		ver = v.Ver.Trap(gpa)
+	}
+	if p2 {
+		v.Ver.EndWrite(last)
+	} else if split && v.protected(last) {
+		ver2 = v.Ver.Trap(last)
+	}
+	return ver, ver2
 }
 
 // Protected returns the number of pages the host has protected.
@@ -124,7 +226,6 @@ type player struct {
 	bvm   vasmon.VMID
 	old   [trace.PageSize]byte
 
-	paced     bool
 	t0, check int64
 	w0        time.Time
 }
@@ -132,11 +233,18 @@ type player struct {
 // Run replays the trace read from r into host until its end, the first error
 // or ctx's end, and returns what it did (also on error).
 func Run(ctx context.Context, host engine.Host, r io.Reader, opts Options) (*Summary, error) {
-	sum := &Summary{Live: make(map[vasmon.VMID]*VM)}
 	tr, err := trace.NewReader(r, trace.ReaderOptions{Salvage: opts.Salvage})
 	if err != nil {
-		return sum, err
+		return &Summary{Live: make(map[vasmon.VMID]*VM)}, err
 	}
+	return RunReader(ctx, host, tr, opts)
+}
+
+// RunReader is Run on a trace whose header was read already (tr's
+// ReaderOptions.Salvage stands for Options.Salvage). It reads tr to its end;
+// the caller may read tr's header in advance, from a pipe too.
+func RunReader(ctx context.Context, host engine.Host, tr *trace.Reader, opts Options) (*Summary, error) {
+	sum := &Summary{Live: make(map[vasmon.VMID]*VM)}
 	if opts.Batch <= 0 {
 		opts.Batch = 256
 	}
@@ -147,12 +255,16 @@ func Run(ctx context.Context, host engine.Host, r io.Reader, opts Options) (*Sum
 		opts.Request.Callback = func(any, uint64, uint64, uint64, uint64) {}
 	}
 	p := &player{ctx: ctx, host: host, opts: opts, sum: sum, tr: tr, batch: make([]shard.Event, 0, opts.Batch)}
-	err = p.run()
+	err := p.run()
 	if ferr := p.flush(); err == nil {
 		err = ferr
 	}
 	sum.Bytes = tr.Bytes()
 	sum.Damage = tr.Damage()
+	sum.Unknown = int64(tr.Unknown())
+	if sum.Complete = tr.Ended(); sum.Complete {
+		sum.TraceRecords = int64(tr.Records())
+	}
 	return sum, err
 }
 
@@ -180,10 +292,17 @@ func (p *player) run() error {
 				return err
 			}
 		}
-		if err := p.apply(rec); err != nil {
+		p.sum.Records++
+		if int(rec.Kind) < NumKinds {
+			p.sum.Read[rec.Kind]++
+		}
+		applied, err := p.apply(rec)
+		if err != nil {
 			return fmt.Errorf("replay: %v record at offset %d: %w", rec.Kind, p.tr.Offset(), err)
 		}
-		p.sum.Records++
+		if applied {
+			p.sum.Applied++
+		}
 	}
 }
 
@@ -208,20 +327,53 @@ func (p *player) pace(t int64) error {
 	}
 }
 
-func (p *player) apply(rec *trace.Record) error {
+// apply applies a record; false: it was skipped (counted).
+func (p *player) apply(rec *trace.Record) (bool, error) {
+	err := p.applyErr(rec)
+	if err == errSkipped {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+var errSkipped = errors.New("skipped")
+
+func (p *player) applyErr(rec *trace.Record) error {
 	v := p.sum.Live[rec.VM]
 	if v == nil && rec.Kind != trace.KindVMAdd {
 		p.sum.Skipped++
-		return nil
+		if int(rec.Kind) < NumKinds {
+			p.sum.SkippedNoVM[rec.Kind]++
+		}
+		return errSkipped
 	}
 	switch rec.Kind {
 	case trace.KindEvent:
-		var b [8]byte
-		binary.LittleEndian.PutUint64(b[:], rec.Data)
-		_ = v.Mem.Write(rec.GPA, b[:rec.Size]) // outside RAM: the engine ignores it too
+		old := rec.Old
+		if rec.HasOld {
+			// The entry before the write in this memory, which may differ
+			// from the recorded guest's: a store the recorded engine did
+			// not trap (its page unprotected for a moment) is only in a
+			// Page record, which may come after the events trapped once
+			// the page was protected again.
+			esz := uint64(v.esz)
+			old, _ = v.Mem.ReadUint(rec.GPA&^(esz-1), int(esz))
+		}
+		ver, ver2 := v.write(rec.GPA, rec.Size, rec.Data)
 		p.sum.Events++
-		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: rec.Old, RIP: rec.RIP,
-			Size: rec.Size, HasOld: rec.HasOld})
+		rip := rec.RIP
+		if ver != 0 || ver2 != 0 {
+			// The stamp tells a trap delivered twice. The engine's window
+			// of recent chunks (same RIP, offset and bytes as the last
+			// chunk applied to the entry) would drop a store repeated after
+			// the entry changed through a read of its page instead of a
+			// chunk (a munmap's clear after a fault whose event was
+			// already in a read): not given the RIP, the engine keeps
+			// only the stamp's test.
+			rip = 0
+		}
+		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: old, RIP: rip,
+			Size: rec.Size, HasOld: rec.HasOld, Ver: ver, Ver2: ver2})
 	case trace.KindPage:
 		p.sum.Pages++
 		return p.page(v, rec.GPA, rec.Page)
@@ -235,8 +387,12 @@ func (p *player) apply(rec *trace.Record) error {
 			return fmt.Errorf("VM %d: %w", rec.VM, vasmon.ErrVMExists)
 		}
 		v = &VM{ID: rec.VM, Mem: guestmem.New(rec.RAM), Roots: make(map[uint64]*vasmon.Root),
-			prot: &protector{pages: make(map[uint64]struct{})}}
-		if err := p.host.AddVM(rec.VM, v.Mem, v.prot, rec.MaxTables); err != nil {
+			prot: &protector{pages: make(map[uint64]struct{})}, esz: 8}
+		if rec.RAM <= maxVersioned {
+			v.Ver = guestmem.NewVersions(rec.RAM)
+			v.prot.ver = v.Ver
+		}
+		if err := p.host.AddVM(rec.VM, v.hostMemory(), v.prot, rec.MaxTables); err != nil {
 			return fmt.Errorf("add VM %d: %w", rec.VM, err)
 		}
 		p.sum.Live[rec.VM] = v
@@ -267,6 +423,7 @@ func (p *player) apply(rec *trace.Record) error {
 			return fmt.Errorf("start root %#x (%v) of VM %d: %w", rec.CR3, rec.Mode, rec.VM, err)
 		}
 		v.Roots[rec.CR3] = root
+		v.esz = rec.Mode.EntryBytes()
 		p.sum.Roots++
 		if p.opts.OnStart != nil {
 			p.opts.OnStart(root, v.Mem)
@@ -275,7 +432,8 @@ func (p *player) apply(rec *trace.Record) error {
 		root := v.Roots[rec.CR3]
 		if root == nil {
 			p.sum.Skipped++
-			return nil
+			p.sum.SkippedNoRoot++
+			return errSkipped
 		}
 		delete(v.Roots, rec.CR3)
 		if err := p.host.Stop(p.ctx, root); err != nil {
@@ -289,24 +447,37 @@ func (p *player) apply(rec *trace.Record) error {
 // processed (engine.Engine).
 type syncer interface{ Sync(context.Context) error }
 
-// page writes a Page record's content to memory; if the page is protected
-// already, the words that changed are submitted as writes (see the package
-// comment). The protection is tested after the memory is written.
+// page writes a Page record's content to memory; if the page is protected,
+// word by word, each a trapped store submitted as a write (see the package
+// comment). The protection is tested again after the memory is written.
 func (p *player) page(v *VM, gpa uint64, data []byte) error {
 	if v.Mem.Read(gpa, p.old[:]) != nil || bytes.Equal(p.old[:], data) {
 		return nil
 	}
-	_ = v.Mem.Write(gpa, data)
-	if !v.prot.has(gpa) {
-		return nil
+	trapped := v.protected(gpa)
+	if !trapped {
+		_ = v.Mem.Write(gpa, data)
+		if !v.protected(gpa) && !v.prot.has(gpa) {
+			return nil
+		}
 	}
+	p.sum.SyntheticPages++
 	for i := 0; i < trace.PageSize; i += 8 {
 		o, n := binary.LittleEndian.Uint64(p.old[i:]), binary.LittleEndian.Uint64(data[i:])
-		if o != n {
-			p.sum.Synthetic++
-			if err := p.add(v.ID, shard.Event{GPA: gpa + uint64(i), Data: n, Size: 8}); err != nil {
-				return err
-			}
+		if o == n {
+			continue
+		}
+		var ver uint32
+		a := gpa + uint64(i)
+		switch {
+		case trapped:
+			ver, _ = v.write(a, 8, n)
+		case v.Ver != nil:
+			ver = v.Ver.Trap(a) // protected while the page was written
+		}
+		p.sum.Synthetic++
+		if err := p.add(v.ID, shard.Event{GPA: a, Data: n, Size: 8, Ver: ver}); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -342,6 +513,7 @@ func (p *player) flush() error {
 		if !errors.Is(err, engine.ErrOverload) {
 			return fmt.Errorf("submit to VM %d: %w", p.bvm, err)
 		}
+		p.sum.Retried += int64(len(b))
 		select {
 		case <-p.ctx.Done():
 			return p.ctx.Err()
@@ -351,23 +523,39 @@ func (p *player) flush() error {
 	return nil
 }
 
-// protector is a VM's write protection: the set of protected pages.
+// protector is a VM's write protection: the set of protected pages, and
+// their protected bits in the version words (if kept).
 type protector struct {
 	mu    sync.Mutex
 	pages map[uint64]struct{}
+	ver   *guestmem.Versions
 }
 
 func (p *protector) Protect(gpa uint64) error {
+	gpa &^= trace.PageSize - 1
 	p.mu.Lock()
-	p.pages[gpa&^(trace.PageSize-1)] = struct{}{}
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	if _, ok := p.pages[gpa]; ok {
+		return nil
+	}
+	p.pages[gpa] = struct{}{}
+	if p.ver != nil {
+		p.ver.SetProtected(gpa, true)
+	}
 	return nil
 }
 
 func (p *protector) Unprotect(gpa uint64) error {
+	gpa &^= trace.PageSize - 1
 	p.mu.Lock()
-	delete(p.pages, gpa&^(trace.PageSize-1))
-	p.mu.Unlock()
+	defer p.mu.Unlock()
+	if _, ok := p.pages[gpa]; !ok {
+		return nil
+	}
+	delete(p.pages, gpa)
+	if p.ver != nil {
+		p.ver.SetProtected(gpa, false)
+	}
 	return nil
 }
 

@@ -568,6 +568,15 @@ func TestReplayPageAfterHook(t *testing.T) {
 	if p.sum.Synthetic != 1 || p.sum.Skipped != 1 || p.sum.Pages != 3 {
 		t.Fatalf("summary %+v", p.sum)
 	}
+	// Every record is accounted for: 6 in the trace (the End record says
+	// so), 5 applied, the event of VM 9 skipped; one Page record made the
+	// synthetic event.
+	s := p.sum
+	if !s.Complete || s.TraceRecords != 6 || s.Records != 6 || s.Applied != 5 || s.Applied+s.Skipped != s.Records ||
+		s.Read[trace.KindPage] != 3 || s.Read[trace.KindEvent] != 1 || s.SkippedNoVM[trace.KindEvent] != 1 ||
+		s.SkippedNoRoot != 0 || s.SyntheticPages != 1 || s.Unknown != 0 || s.Events != 0 {
+		t.Fatalf("accounting %+v", s)
+	}
 	r := p.roots[rootKey{1, 0x1000}]
 	if r.Monitored != vasmon.BitRW|vasmon.BitP || r.Ctx.(*backends.RootInfo).Name != "init" {
 		t.Fatalf("root monitored %#x, context %+v", r.Monitored, r.Ctx)
@@ -756,4 +765,109 @@ func TestRecordReplaySim(t *testing.T) {
 		}
 	}
 	t.Logf("callbacks: %d in the original, %d in the replay", e1.Stats().Callbacks, e2.Stats().Callbacks)
+}
+
+// stampHost is an engine.Host that protects two pages when a VM is added
+// and keeps the events submitted.
+type stampHost struct {
+	mem  vasmon.Memory
+	prot vasmon.Protector
+	evs  []shard.Event
+}
+
+func (h *stampHost) AddVM(_ vasmon.VMID, mem vasmon.Memory, prot vasmon.Protector, _ int64) error {
+	h.mem, h.prot = mem, prot
+	if err := prot.Protect(0x1000); err != nil {
+		return err
+	}
+	return prot.Protect(0x2000)
+}
+func (h *stampHost) RemoveVM(context.Context, vasmon.VMID) error { return nil }
+func (h *stampHost) Start(context.Context, vasmon.VMID, uint64, vasmon.Mode, uint64, vasmon.Callback, any,
+	engine.RootOptions) (*vasmon.Root, error) {
+	return nil, errors.New("no roots here")
+}
+func (h *stampHost) Stop(context.Context, *vasmon.Root) error { return nil }
+func (h *stampHost) Submit(_ vasmon.VMID, evs []shard.Event) (int, error) {
+	h.evs = append(h.evs, evs...)
+	return len(evs), nil
+}
+
+// TestReplayStamps: the replayer's memory is versioned and its writes are
+// trapped stores as the contract of vasmon.Versioned wants them: an event
+// written to a protected page carries the stamp BeginWrite gave it (both
+// pages' for a store that crosses a page boundary), one to an unprotected
+// page none; a Page record written over a protected page is one stamped
+// store per changed word. Old values are read from the replay's memory. Each page's change count ends at one per
+// protection plus two per store.
+func TestReplayStamps(t *testing.T) {
+	path := handMade(t,
+		trace.Record{Kind: trace.KindVMAdd, VM: 1, RAM: 16 << 20},
+		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x1008, Size: 8, Data: 0x5007, HasOld: true, Old: 0xdead, RIP: 0x1234},
+		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x3000, Size: 8, Data: 0x6007, RIP: 0x99},
+		trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x1FFE, Size: 4, Data: 0xAABBCCDD},
+		page(0x1000, 1, 0x5007, 3),
+		page(0x3000, 7),
+	)
+	h := &stampHost{}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sum, err := replay.Run(context.Background(), h, f, replay.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm, ok := h.mem.(vasmon.Versioned)
+	if !ok {
+		t.Fatalf("the host was given memory %T, not versioned", h.mem)
+	}
+	vs := vm.Versions()
+	type stamp struct {
+		gpa       uint64
+		ver, ver2 uint32
+	}
+	var got []stamp
+	for _, e := range h.evs {
+		got = append(got, stamp{e.GPA, e.Ver, e.Ver2})
+	}
+	// Page 0x1000: protected (1), a store (2, 3), the crossing store (4, 5),
+	// the words of the Page record that change: 0, 2 and the last, which
+	// the crossing store wrote (6, 7; 8, 9; 10, 11); page 0x2000: protected
+	// (1), the crossing store (2, 3); page 0x3000: never protected.
+	want := []stamp{{0x1008, 2, 0}, {0x3000, 0, 0}, {0x1FFE, 4, 2}, {0x1000, 6, 0}, {0x1010, 8, 0}, {0x1FF8, 10, 0}}
+	if !slices.Equal(got, want) {
+		t.Errorf("events (gpa, ver, ver2) %v, want %v", got, want)
+	}
+	for _, c := range []struct {
+		gpa  uint64
+		want uint32
+	}{{0x1000, 11}, {0x2000, 3}, {0x3000, 0}} {
+		w := vs.Load(c.gpa)
+		if guestmem.Count(w) != c.want || !guestmem.Stable(w) || (w&guestmem.VerProtected != 0) != (c.gpa != 0x3000) {
+			t.Errorf("page %#x: version word %#x, want count %d, stable", c.gpa, w, c.want)
+		}
+	}
+	// The first event's old value is this memory's, not the recorded one;
+	// stamped, it goes without its RIP; the unstamped one keeps it.
+	if e := h.evs[0]; !e.HasOld || e.Old != 0 || e.RIP != 0 || h.evs[1].RIP != 0x99 {
+		t.Errorf("events %+v, %+v: want the first with old 0 (read here) and no RIP, the second with its RIP", e, h.evs[1])
+	}
+	if sum.Synthetic != 3 {
+		t.Errorf("%d synthetic events, want 3", sum.Synthetic)
+	}
+	mem := sum.Live[1].Mem
+	for _, c := range []struct{ gpa, want uint64 }{{0x1000, 1}, {0x1008, 0x5007}, {0x1FF8, 0}, {0x2000, 0xAABB}, {0x3000, 7}} {
+		if v, _ := mem.ReadUint(c.gpa, 8); v != c.want {
+			t.Errorf("memory at %#x: %#x, want %#x", c.gpa, v, c.want)
+		}
+	}
+	// Unprotected, a page's stores are not stamped.
+	if err := h.prot.Unprotect(0x1000); err != nil {
+		t.Fatal(err)
+	}
+	if vs.Protected(0x1000) || guestmem.Count(vs.Load(0x1000)) != 12 {
+		t.Errorf("page 0x1000 after Unprotect: version word %#x", vs.Load(0x1000))
+	}
 }

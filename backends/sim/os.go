@@ -356,6 +356,9 @@ func (c *vcpu) newRoot() uint64 {
 	} else if root = c.allocTable(); root == 0 {
 		return 0
 	}
+	if v.truth != nil {
+		v.truth.newRoot(root)
+	}
 	for _, k := range v.kernel {
 		c.store(root+uint64(k.i*v.esz), v.esz, k.e, siteCopy)
 	}
@@ -363,8 +366,7 @@ func (c *vcpu) newRoot() uint64 {
 		for i := 0; i < v.mode.UserEntries(); i++ {
 			t := c.allocTable()
 			if t == 0 {
-				c.freeTree(root, v.mode.Levels(), true)
-				c.freeR = append(c.freeR, root)
+				c.freeRoot(root)
 				return 0
 			}
 			c.set(root+uint64(i*8), v.tableEntry(3, t))
@@ -396,6 +398,9 @@ func (c *vcpu) freeTree(t uint64, level int, top bool) {
 
 func (c *vcpu) freeRoot(root uint64) {
 	c.freeTree(root, c.vm.mode.Levels(), true)
+	if t := c.vm.truth; t != nil {
+		t.freeRoot(root)
+	}
 	if c.vm.mode == vasmon.ModePAE {
 		c.freeR = append(c.freeR, root)
 	} else {
@@ -655,4 +660,84 @@ func (c *vcpu) buildKernel() bool {
 		}
 	}
 	return true
+}
+
+// reusePct is the percentage of freed table pages that are reused as data
+// at once.
+const reusePct = 75
+
+// reuse is the page allocator handing out, at once, the table pages the
+// operation freed, as Linux's does with its per-CPU lists of hot pages:
+// most become data (a user page, a slab object, a kernel stack, the
+// kernel's own mmu_gather batch) and take a few stores of it; every one is
+// reused as a table later, before untouched pages (release keeps the free
+// list LIFO), zeroed first if it holds anything. A store to a page whose
+// unhook has not landed yet traps: that is how an engine behind the guest
+// meets a freed table's page holding data (SEMANTICS.md section 6, "No
+// phantoms").
+func (c *vcpu) reuse() {
+	op := c.op
+	c.op = OpReuse
+	for k, t := range c.freeT {
+		if c.rng.IntN(100) >= reusePct {
+			continue
+		}
+		c.ctr.ops[OpReuse].Add(1)
+		c.freeT[k] = t | 1 // zeroed when it becomes a table again
+		c.fillData(t &^ 1)
+	}
+	c.op = op
+}
+
+// fillData makes a few stores of data into the page at pg, each of a kind
+// the kernel or a process writes, in the guest's native word (4 bytes for
+// 32-bit and PAE kernels, 8 for 4- and 5-level ones): random bytes, a
+// counter next to a constant (an mmu_gather batch's nr and max), a kernel
+// stack's end magic, pointers (to the kernel's direct map, to a user
+// stack), ASCII text, and 1- and 2-byte fields.
+func (c *vcpu) fillData(pg uint64) {
+	rng := c.rng
+	w := 8
+	if c.vm.mode == vasmon.Mode32 || c.vm.mode == vasmon.ModePAE {
+		w = 4
+	}
+	mask := uint64(1)<<(8*w) - 1
+	for n := 1 + rng.IntN(8); n > 0; n-- {
+		a := pg + rng.Uint64N(vasmon.PageSize/uint64(w))*uint64(w)
+		switch rng.IntN(6) {
+		case 0: // user data
+			c.store(a, w, rng.Uint64()&mask, siteDataRandom)
+		case 1: // a counter next to a constant: mmu_gather_batch {next; nr; max = 510}
+			hi := uint64(510) << 32
+			if w == 4 {
+				hi = 0
+				c.store(a^4, 4, 510, siteDataCounter)
+			}
+			for k := uint64(0); k <= rng.Uint64N(4); k++ {
+				c.store(a, w, hi|k, siteDataCounter)
+			}
+		case 2: // a kernel stack's end magic (STACK_END_MAGIC)
+			c.store(a, w, 0x57ac6e9d, siteDataCounter)
+		case 3: // a pointer
+			p := 0xffff888000000000 | rng.Uint64N(1<<30)&^7
+			switch {
+			case w == 4 && rng.IntN(2) == 0:
+				p = 0xc0000000 | rng.Uint64N(1<<29)&^3
+			case w == 4:
+				p = 0xbf800000 | rng.Uint64N(1<<23)
+			case rng.IntN(2) == 0:
+				p = 0x7ffc00000000 | rng.Uint64N(1<<32)
+			}
+			c.store(a, w, p, siteDataPointer)
+		case 4: // text
+			var t uint64
+			for i := 0; i < w; i++ {
+				t |= (0x20 + rng.Uint64N(95)) << (8 * i)
+			}
+			c.store(a, w, t, siteDataText)
+		default: // a flag byte or a 16-bit field
+			size := 1 + rng.IntN(2)
+			c.store(a+uint64(rng.IntN(w/size)*size), size, rng.Uint64N(1<<(8*size)), siteDataNarrow)
+		}
+	}
 }

@@ -5,18 +5,29 @@
 // # Contract
 //
 // Ownership: the simulator owns each VM's guest-physical memory (a sparse
-// guestmem.Memory of Config.RAM bytes) and its write protection (a
-// vasmon.Protector: one atomic bit per guest page, set and cleared by the
-// host). Every simulated store goes to memory; a store to a protected page
-// also traps, like an EPT write hook: it becomes a shard.Event stamped with
+// guestmem.Memory of Config.RAM bytes), the version word of each of its
+// pages (guestmem.Versions) and its write protection (a vasmon.Protector
+// that keeps the protected bit of each page's version word, set and
+// cleared by the host). The host reads the memory with its version words
+// (vasmon.Versioned), which prove its reads against the guest's stores
+// (SEMANTICS.md section 6, "No phantoms"). Every simulated store goes to
+// memory; a store to a protected page also traps, like an EPT write hook:
+// it is counted on the page's version word while it lands (BeginWrite,
+// EndWrite) and becomes a shard.Event stamped with that count (Ver),
 // shard.Now() at the trap, the entry's whole value before the store
-// (HasOld) and the storing kernel code's RIP. Stores to unprotected pages go
-// to memory only. The CPU's own Accessed/Dirty updates never trap.
+// (HasOld); not the storing kernel code's RIP, which the simulator models
+// (a RIP per store site) but leaves out of stamped events (see
+// vcpu.store). Stores to unprotected pages go to memory only, unstamped. The CPU's own Accessed/Dirty updates never
+// trap.
 //
 // Guest kernels: each VM runs an OS model in one paging mode. It allocates
-// page-table pages from a table area of guest RAM (freed pages are reused,
-// zeroed by stores when they held entries; PAE roots are 32-byte slots of a
-// slab, several per page, as Linux allocates them), copies a kernel half
+// page-table pages from a table area of guest RAM (PAE roots are 32-byte
+// slots of a slab, several per page, as Linux allocates them). Freed table
+// pages are reused at once, as Linux's page allocator hands out hot pages:
+// most become data (a few stores of random bytes, counters, pointers, ASCII
+// text, 1- and 2-byte fields), which traps while the host's unhook of the
+// freed table has not landed; all of them become tables again later, first
+// in line (zeroed by stores where they hold anything). It copies a kernel half
 // from a template into every new root and keeps, per process, the regions
 // it maps, so that every store is one a kernel would make: demand faults,
 // copy-on-write forks and breaks, exec, process creation, exit, mmap/munmap
@@ -53,9 +64,10 @@
 // go, before it starts or stops a root, before it waits, and before the
 // table pages it freed can be reused, so that for every entry the order of
 // submissions is the order of the stores in memory. The host's hooks run
-// concurrently with the stores: a store lands in memory before its page's
-// protection is tested, so a table hooked meanwhile sees the store either
-// in memory or as an event.
+// concurrently with the stores: a store tests its page's protection before
+// it lands and again after, so a page protected meanwhile (the host
+// protects, then reads) sees the store either in its read or as an event,
+// stamped after the fact (guestmem.Versions.Trap).
 //
 // Determinism: each vCPU draws its decisions from its own generator seeded
 // from Config.Seed, and freed pages are reused in a fixed order, so with one
@@ -66,9 +78,10 @@
 //
 // Allocation: the simulator allocates while it runs (tables of freed pages,
 // process records); events go through a per-vCPU buffer reused across
-// Submits. Fixed costs per VM: the protection bitmap (RAM/32768 bytes) and
-// one occupancy word per page of the table area (RAM/4, at most 1 GiB:
-// RAM/512 bytes) that lets table scans skip empty 64-byte chunks.
+// Submits. Fixed costs per VM: the version words (RAM/512 bytes, touched
+// only where pages are protected or written while protected) and one
+// occupancy word per page of the table area (RAM/4, at most 1 GiB: RAM/512
+// bytes) that lets table scans skip empty 64-byte chunks.
 package sim
 
 import (
@@ -117,6 +130,10 @@ type Config struct {
 	// roots. They must not block for long, nor call Run.
 	OnStart, OnStop func(Root)
 	OnIdle          func()
+
+	// Tests (export_test.go): keep the ground truth; give the host the
+	// guest memory without its version words.
+	truth, unversioned bool
 }
 
 // Burst shapes the event rate: the vCPUs run for On, then idle for Off, in
@@ -162,6 +179,9 @@ type Stats struct {
 	OOM                  uint64 // operations cut short: a VM's table area was exhausted
 	Processes            int    // live processes
 	Tables               int64  // table pages in use
+	// Running is how long the vCPUs ran (from the end of the boot to the
+	// last vCPU's stop), once they all stopped; 0 before.
+	Running time.Duration
 }
 
 // TotalWrites returns the stores made.
@@ -193,6 +213,7 @@ type Sim struct {
 	hctx    context.Context // of Start, Stop, RemoveVM: not the run's, which ends first
 	hcancel context.CancelFunc
 	t0      time.Time
+	running atomic.Int64 // how long the vCPUs ran (Stats.Running)
 
 	ran      atomic.Bool
 	stopped  atomic.Bool
@@ -292,7 +313,10 @@ func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) e
 		defer cancel()
 	}
 	for i, v := range s.vms {
-		if err := host.AddVM(v.id, v.mem, v.prot, 0); err != nil {
+		if v.truth != nil {
+			v.truth.mask = req.Monitored | vasmon.BitP
+		}
+		if err := host.AddVM(v.id, v.hostMemory(), v.prot, 0); err != nil {
 			for _, w := range s.vms[:i] {
 				s.removeVM(w)
 			}
@@ -317,6 +341,7 @@ func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) e
 		wg.Go(c.run)
 	}
 	wg.Wait()
+	s.running.Store(int64(time.Since(s.t0)))
 	close(finished)
 	if s.cfg.OnIdle != nil {
 		s.cfg.OnIdle()
@@ -500,6 +525,7 @@ func (s *Sim) Stats() Stats {
 	for _, c := range s.vcpus {
 		add(&c.ctr)
 	}
+	st.Running = time.Duration(s.running.Load())
 	add(&s.ctr)
 	for _, v := range s.vms {
 		v.mu.Lock()

@@ -27,15 +27,65 @@ var request = backends.Request{Monitored: backends.DefaultMonitored}
 // tree may share pages already hooked for other roots (a PAE root slab
 // page, a table page freed and reused before its old unhook ran), whose
 // shadows are not read again.
+//
+// Each callback is also checked on its own (SEMANTICS.md section 6, "No
+// phantoms", issue #17): a new entry that is a leaf must have been an entry
+// of that root, at that VA and size, at some instant (the simulator's ground
+// truth, sim.WithTruth), and the host may protect only pages that were
+// tables of a root.
 type oracle struct {
 	t    *testing.T
 	rec  *vasmontest.Recorder
+	sim  *sim.Sim
 	mu   sync.Mutex
 	maps map[*backends.RootInfo]vasmontest.Map
 	init map[*backends.RootInfo]vasmontest.Map
 	hist map[*backends.RootInfo][]vasmontest.Event
 	// counts
 	started, stopped, checked, mappings int
+	leaves, phantoms                    int
+}
+
+// callback records a callback, checking that its new leaf existed.
+func (o *oracle) callback(ctx any, va, old, new, size uint64) {
+	info := ctx.(*backends.RootInfo)
+	if l := vasmontest.LevelOf(info.Mode, size); l != 0 && info.Mode.Classify(new, l) == vasmon.KindLeaf {
+		ok := o.sim.Existed(info, va, size, new)
+		o.mu.Lock()
+		o.leaves++
+		if !ok {
+			if o.phantoms++; o.phantoms <= 5 {
+				o.t.Logf("%s (%v): phantom: va=%#x old=%#x new=%#x size=%#x never existed", info.Name, info.Mode, va, old, new, size)
+			}
+		}
+		o.mu.Unlock()
+	}
+	o.rec.Callback(ctx, va, old, new, size)
+}
+
+// run runs s against e with the oracle's callback.
+func (o *oracle) run(s *sim.Sim, e *engine.Engine) error {
+	o.sim = s
+	req := request
+	req.Callback = o.callback
+	return s.Run(context.Background(), e, req)
+}
+
+// phantomFree fails the test if a callback reported a leaf that never
+// existed or the host protected a page that never was a table; and, if
+// leaves is set, if no new leaf was reported (nothing checked).
+func (o *oracle) phantomFree(leaves bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.phantoms != 0 {
+		o.t.Errorf("%d phantom callbacks of %d new leaves", o.phantoms, o.leaves)
+	}
+	if bad := o.sim.BadHooks(); len(bad) != 0 {
+		o.t.Errorf("%d pages protected that never were tables, such as %#x", len(bad), bad[0])
+	}
+	if leaves && o.leaves == 0 {
+		o.t.Error("no new leaf reported: nothing checked")
+	}
 }
 
 func newOracle(t *testing.T) *oracle {
@@ -152,14 +202,13 @@ func TestOracle(t *testing.T) {
 			if prof == "idle" {
 				cfg.MaxEvents, cfg.Duration = 0, 300*time.Millisecond
 			}
-			if s, err = sim.New(cfg); err != nil {
+			if s, err = sim.New(sim.WithTruth(cfg)); err != nil {
 				t.Fatal(err)
 			}
-			req := request
-			req.Callback = o.rec.Callback
-			if err := s.Run(context.Background(), e, req); err != nil {
+			if err := o.run(s, e); err != nil {
 				t.Fatal(err)
 			}
+			o.phantomFree(prof != "idle") // idle runs for a time, in which a loaded machine may fault nothing in
 			if n := s.ProtectedPages(); n != 0 {
 				t.Errorf("%d pages still protected after Run", n)
 			}
@@ -184,9 +233,52 @@ func TestOracle(t *testing.T) {
 			if o.checked == 0 || es.Callbacks == 0 {
 				t.Errorf("nothing checked: %d roots, %d callbacks", o.checked, es.Callbacks)
 			}
-			t.Logf("%d events (%d writes), kinds %v, %d callbacks; %d roots started, %d checked live with %d mappings",
-				es.Processed, st.TotalWrites(), es.Kinds, es.Callbacks, o.started, o.checked, o.mappings)
+			t.Logf("%d events (%d writes), kinds %v, %d callbacks (%d new leaves checked); %d roots started, %d checked live with %d mappings; %d freed tables reused as data; %d stale reads",
+				es.Processed, st.TotalWrites(), es.Kinds, es.Callbacks, o.leaves, o.started, o.checked, o.mappings,
+				st.Ops[sim.OpReuse], es.StaleReads)
 		})
+	}
+}
+
+// TestPhantomsUnversioned shows that TestOracle's check of each callback can
+// fail: the same guests, which reuse freed table pages at once (as data,
+// and as tables elsewhere), with their memory given to the engine without
+// its version words. The engine then cannot prove its reads against the
+// guest's stores (a best effort, vasmon's "No phantoms"): a table read after
+// the guest unlinked, freed and reused its page, and found linked by a walk
+// made at another instant than the read, is reported at its old place,
+// with entries that never were there. Each profile runs until one of them
+// shows such a callback, or a page protected that never was a table.
+func TestPhantomsUnversioned(t *testing.T) {
+	events := uint64(100000)
+	if testing.Short() {
+		events = 40000
+	}
+	found := 0
+	for _, prof := range []string{"web", "linux", "windows", "build", "forkstorm"} {
+		e, err := engine.New(engine.Config{Shards: 2, NoPin: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := newOracle(t)
+		cfg := sim.Config{VMs: 4, VCPUs: 2, Profile: prof, Seed: 42, Processes: 3, RAM: 256 << 20, MaxEvents: events}
+		s, err := sim.New(sim.Unversioned(sim.WithTruth(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := o.run(s, e); err != nil {
+			t.Fatal(err)
+		}
+		_ = e.Close()
+		bad := len(s.BadHooks())
+		t.Logf("%s, unversioned: %d phantom callbacks of %d new leaves, %d pages protected that never were tables",
+			prof, o.phantoms, o.leaves, bad)
+		if found = o.phantoms + bad; found > 0 {
+			break
+		}
+	}
+	if found == 0 {
+		t.Error("no phantom without versions: the check of each callback would not see one with them either")
 	}
 }
 
@@ -249,11 +341,16 @@ func TestProfileMix(t *testing.T) {
 		if err := e.Sync(context.Background()); err != nil {
 			t.Fatal(err)
 		}
+		// Of the tracked events (those that found a hooked table): how
+		// many are untracked depends on how far the engine lags, which
+		// load moves (writes already in a read of their page are
+		// untracked), not on the profile.
 		st := e.Stats()
-		frac := float64(st.Kinds[vasmon.WriteIrrelevant]) / float64(st.Processed)
-		t.Logf("windows: %d events, kinds %v: %.1f%% irrelevant", st.Processed, st.Kinds, 100*frac)
-		if st.Processed < 1000 || frac < 0.80 {
-			t.Errorf("windows: %.1f%% of %d events irrelevant, want at least 80%%", 100*frac, st.Processed)
+		tracked := st.Processed - st.Kinds[vasmon.WriteUntracked]
+		frac := float64(st.Kinds[vasmon.WriteIrrelevant]) / float64(tracked)
+		t.Logf("windows: %d events, kinds %v: %.1f%% of the tracked ones irrelevant", st.Processed, st.Kinds, 100*frac)
+		if tracked < 1000 || frac < 0.80 {
+			t.Errorf("windows: %.1f%% of %d tracked events irrelevant, want at least 80%%", 100*frac, tracked)
 		}
 	})
 	t.Run("idle", func(t *testing.T) {
@@ -263,12 +360,11 @@ func TestProfileMix(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t0 := time.Now()
 			if err := s.Run(context.Background(), newNullHost(true), request); err != nil {
 				t.Fatal(err)
 			}
 			st := s.Stats()
-			return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / time.Since(t0).Seconds() / 2
+			return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / st.Running.Seconds() / 2
 		}
 		idle, web := rate("idle"), rate("web")
 		t.Logf("per VM: idle %.0f events/s, web %.0f events/s", idle, web)
@@ -291,12 +387,11 @@ func TestRateAndBurst(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t0 := time.Now()
 		if err := s.Run(context.Background(), newNullHost(true), request); err != nil {
 			t.Fatal(err)
 		}
 		st := s.Stats()
-		return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / time.Since(t0).Seconds() / 2
+		return float64(st.TotalTrapped()-st.Trapped[sim.OpSetup]) / st.Running.Seconds() / 2
 	}
 	got := run(5000, sim.Burst{})
 	t.Logf("rate 5000/s per VM: %.0f/s", got)

@@ -34,6 +34,11 @@ const (
 	siteUpdate
 	siteZero
 	siteCopy
+	siteDataRandom
+	siteDataCounter
+	siteDataPointer
+	siteDataText
+	siteDataNarrow
 )
 
 // counters are one vCPU's, readable while it runs.
@@ -67,31 +72,58 @@ func (c *vcpu) read(a uint64) uint64 {
 	return v
 }
 
-// store is one guest store of size bytes of v at gpa: it goes to memory, and
-// if the page is write-protected it traps: an event carrying the whole
-// entry's value before the store. The store lands before the protection is
-// tested, so a page protected concurrently (a hook protects, then reads the
-// page) either sees the store in memory or traps it.
+// store is one guest store of size bytes of v at gpa (within one entry): it
+// goes to memory, and if the page is write-protected it traps, like an EPT
+// write hook: the store is counted on the page's version word around its
+// landing in memory (BeginWrite, EndWrite), and becomes an event carrying
+// the whole entry's value before the store and that stamp. A page
+// protected while an untrapped store lands (the host protects a page, then
+// reads it) either has the store in the read or traps it: the protection is
+// tested again after the store, which then traps after the fact
+// (guestmem.Versions.Trap). Stores to unprotected pages are not stamped.
 func (c *vcpu) store(gpa uint64, size int, v uint64, site int) {
 	vm := c.vm
 	ea := gpa &^ uint64(vm.esz-1)
 	old, _ := vm.mem.ReadUint(ea, vm.esz)
+	if vm.truth != nil {
+		vm.truth.store(c, gpa, size, v, old)
+	}
+	var ver uint32
+	trapped := vm.ver.Protected(gpa)
+	if trapped {
+		ver = vm.ver.BeginWrite(gpa)
+	}
 	if _, err := vm.mem.WriteUint(gpa, size, v); err != nil {
 		panic(err) // the model writes only inside its table area
+	}
+	if trapped {
+		vm.ver.EndWrite(gpa)
+	} else if vm.ver.Protected(gpa) {
+		ver, trapped = vm.ver.Trap(gpa), true
 	}
 	if v != 0 {
 		vm.occ[gpa/vasmon.PageSize].Or(1 << (gpa % vasmon.PageSize / 64))
 	}
 	c.ctr.writes[c.op].Add(1)
-	if !vm.prot.protected(gpa) {
+	if !trapped {
 		return
 	}
 	c.ctr.trapped[c.op].Add(1)
 	if size < 8 {
 		v &= 1<<(8*size) - 1
 	}
+	rip := vm.rip(c.op, site)
+	if ver != 0 {
+		// A stamped event goes without its RIP: the stamp tells a trap
+		// delivered twice, and the engine's test on RIPs (the same RIP
+		// and bytes as the last chunk applied to the entry) also drops a
+		// store repeated after the entry changed through a read of its
+		// page (mprotect setting NX, clearing it in a store the engine
+		// found already in a read, setting it again).
+		rip = 0
+	}
 	c.batch = append(c.batch, shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true,
-		RIP: vm.rip(c.op, site), Size: uint8(size), Trap: shard.Now()})
+		RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver})
 	c.sent++
 	if len(c.batch) == maxBatch {
 		c.submit()
@@ -126,6 +158,9 @@ func (c *vcpu) update(a, e uint64) { c.store(a, c.vm.esz, e, siteUpdate) }
 // hardwareAD is the CPU setting Accessed/Dirty in an entry: memory only,
 // never trapped (see backends.DefaultMonitored).
 func (c *vcpu) hardwareAD(a, e uint64) {
+	if t := c.vm.truth; t != nil {
+		t.store(c, a, c.vm.esz, e, c.read(a))
+	}
 	_, _ = c.vm.mem.WriteUint(a, c.vm.esz, e)
 	c.ctr.hwAD.Add(1)
 }
@@ -221,14 +256,19 @@ func (c *vcpu) submit() {
 	}
 }
 
-// flush ends an operation: it submits the pending events, then releases the
-// pages the operation freed, so that another vCPU's stores to a reused page
-// are submitted after this vCPU's stores to it, as the engine's per-entry
-// ordering requires. Pages are released only here, at the end of an
-// operation, so that their reuse does not depend on when batches happen to
-// be submitted.
+// flush ends an operation: it submits the pending events, reuses the table
+// pages the operation freed (most become data at once: reuse) and submits
+// again, then releases the pages, so that another vCPU's stores to a
+// reused page are submitted after this vCPU's stores to it, as the
+// engine's per-entry ordering requires. Pages are released only here, at
+// the end of an operation, so that their reuse does not depend on when
+// batches happen to be submitted.
 func (c *vcpu) flush() {
 	c.submit()
+	if len(c.freeT) > 0 {
+		c.reuse()
+		c.submit()
+	}
 	c.vm.release(c.freeT, c.freeR)
 	c.freeT, c.freeR = c.freeT[:0], c.freeR[:0]
 }
@@ -239,6 +279,9 @@ func (c *vcpu) start(p *proc) {
 	c.submit()
 	s, v := c.s, c.vm
 	info := &backends.RootInfo{VM: v.id, CR3: p.root, Mode: v.mode, Name: fmt.Sprintf("vm%d/pid %d", v.id, p.pid)}
+	if v.truth != nil {
+		v.truth.started(info, p.root)
+	}
 	ctx, cancel := s.hostCtx()
 	r, err := s.host.Start(ctx, v.id, p.root, v.mode, s.req.Monitored, s.req.Callback, info, s.req.Options)
 	cancel()

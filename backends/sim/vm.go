@@ -9,46 +9,69 @@ import (
 	"github.com/vasengine/vasengine/vasmon"
 )
 
-// protector is a VM's emulated EPT write protection: one bit per guest page,
-// set and cleared atomically, tested by every simulated store.
+// protector is a VM's emulated EPT write protection: the protected bit of
+// each page's version word (guestmem.Versions), set and cleared by the host
+// and tested by every simulated store. The engine reads the same words
+// (memory.Versions): they prove its reads of guest memory against the
+// stores made meanwhile.
 type protector struct {
-	bits []atomic.Uint64
-	n    atomic.Int64
+	ver   *guestmem.Versions
+	n     atomic.Int64
+	truth *truth // tests: the pages that were tables (nil: not kept)
 }
 
-func newProtector(ram uint64) *protector {
-	return &protector{bits: make([]atomic.Uint64, (ram/vasmon.PageSize+63)/64)}
-}
-
-func (p *protector) word(gpa uint64) (*atomic.Uint64, uint64, error) {
-	pfn := gpa / vasmon.PageSize
-	if pfn/64 >= uint64(len(p.bits)) {
-		return nil, 0, fmt.Errorf("sim: page %#x is outside guest RAM", gpa)
+func (p *protector) check(gpa uint64) error {
+	if gpa/vasmon.PageSize >= uint64(p.ver.Pages()) {
+		return fmt.Errorf("sim: page %#x is outside guest RAM", gpa)
 	}
-	return &p.bits[pfn/64], 1 << (pfn % 64), nil
+	return nil
 }
 
-// Protect implements vasmon.Protector.
+// Protect implements vasmon.Protector. Protecting a protected page changes
+// nothing.
 func (p *protector) Protect(gpa uint64) error {
-	w, bit, err := p.word(gpa)
-	if err == nil && w.Or(bit)&bit == 0 {
+	if err := p.check(gpa); err != nil {
+		return err
+	}
+	if p.truth != nil {
+		p.truth.protect(gpa)
+	}
+	if !p.ver.Protected(gpa) {
+		p.ver.SetProtected(gpa, true)
 		p.n.Add(1)
 	}
-	return err
+	return nil
 }
 
 // Unprotect implements vasmon.Protector.
 func (p *protector) Unprotect(gpa uint64) error {
-	w, bit, err := p.word(gpa)
-	if err == nil && w.And(^bit)&bit != 0 {
+	if err := p.check(gpa); err != nil {
+		return err
+	}
+	if p.ver.Protected(gpa) {
+		p.ver.SetProtected(gpa, false)
 		p.n.Add(-1)
 	}
-	return err
+	return nil
 }
 
-func (p *protector) protected(gpa uint64) bool {
-	pfn := gpa / vasmon.PageSize
-	return p.bits[pfn/64].Load()&(1<<(pfn%64)) != 0
+// memory is a VM's guest memory as the engine reads it: with the version
+// words of its pages (vasmon.Versioned).
+type memory struct {
+	*guestmem.Memory
+	ver *guestmem.Versions
+}
+
+// Versions implements vasmon.Versioned.
+func (m memory) Versions() *guestmem.Versions { return m.ver }
+
+// hostMemory returns the VM's memory as the host reads it: versioned,
+// unless a test asked for it without (Config.unversioned).
+func (v *vm) hostMemory() vasmon.Memory {
+	if v.s.cfg.unversioned {
+		return v.mem
+	}
+	return memory{v.mem, v.ver}
 }
 
 // Guest-physical layout of a VM: page-table pages come from the table area
@@ -71,7 +94,9 @@ type vm struct {
 	mode  vasmon.Mode
 	esz   int
 	mem   *guestmem.Memory
+	ver   *guestmem.Versions // the version word of every page: protection, trapped stores
 	prot  *protector
+	truth *truth // tests: the ground truth (nil: not kept)
 	quota uint64 // trapped events to produce; 0: unbounded
 
 	amu      sync.Mutex // the allocator
@@ -98,8 +123,13 @@ type kentry struct {
 }
 
 func newVM(s *Sim, idx int, mode vasmon.Mode, ram uint64) *vm {
+	ver := guestmem.NewVersions(ram)
 	v := &vm{s: s, id: s.cfg.FirstVM + vasmon.VMID(idx), idx: idx, mode: mode, esz: mode.EntryBytes(),
-		mem: guestmem.New(ram), prot: newProtector(ram), next: tableBase, tableEnd: min(ram/4, 1<<30)}
+		mem: guestmem.New(ram), ver: ver, prot: &protector{ver: ver}, next: tableBase, tableEnd: min(ram/4, 1<<30)}
+	if s.cfg.truth {
+		v.truth = newTruth(v)
+		v.prot.truth = v.truth
+	}
 	v.occ = make([]atomic.Uint64, v.tableEnd/vasmon.PageSize)
 	v.zeroPage = v.tableEnd
 	v.textRIP = 0xffffffff81000000

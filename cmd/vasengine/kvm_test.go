@@ -30,7 +30,8 @@ func injectProbe(t *testing.T, noKVM bool, why string, runs ...vasmon.Mode) {
 }
 
 // TestKVMRefusals: with the probe's answers injected, a run the host
-// cannot do ends at once with one line and exit 2, and prints no summary.
+// cannot do ends at once with a usage error (one line and the hint, exit
+// 2), and prints no summary.
 func TestKVMRefusals(t *testing.T) {
 	const why = "CR0.PG dropped (injected)"
 	for _, tc := range []struct {
@@ -46,16 +47,16 @@ func TestKVMRefusals(t *testing.T) {
 		{false, nil, []string{"-mode", "4-level"}, "-backend kvm -mode 4-level: "},
 		{true, nil, nil, "-backend kvm: " + kvm.ErrNoKVM.Error()},
 		{true, nil, []string{"-mode", "4-level"}, kvm.ErrNoKVM.Error()},
-		{false, []vasmon.Mode{vasmon.Mode4}, []string{"-mode", "4-level", "-vcpus", "17"}, "-vcpus between 1 and 16"},
+		{false, []vasmon.Mode{vasmon.Mode4}, []string{"-mode", "4-level", "-vcpus", "17"}, "-vcpus 17: must be within 1..16 for kvm"},
 		{false, []vasmon.Mode{vasmon.Mode4}, []string{"-mode", "4-level", "-kvm-mode", "lazy"}, "-kvm-mode"},
 	} {
 		injectProbe(t, tc.noKVM, why, tc.runs...)
 		args := append([]string{"run", "-backend", "kvm", "-duration", "1m"}, tc.args...)
 		t0 := time.Now()
 		code, stdout, stderr := runMain(args...)
-		if code != 2 || stdout != "" || strings.Count(stderr, "\n") != 1 || !strings.HasPrefix(stderr, "vasengine: ") ||
-			!strings.Contains(stderr, tc.want) {
-			t.Errorf("%v (host runs %v, no /dev/kvm %v): exit %d, stdout %q, stderr %q; want exit 2, no summary, one line with %q",
+		usageFailure(t, args, code, stderr)
+		if first, _, _ := strings.Cut(stderr, "\n"); stdout != "" || !strings.Contains(first, tc.want) {
+			t.Errorf("%v (host runs %v, no /dev/kvm %v): exit %d, stdout %q, stderr %q; want exit 2, no summary, a usage error with %q",
 				tc.args, tc.runs, tc.noKVM, code, stdout, stderr, tc.want)
 		}
 		if d := time.Since(t0); d > 10*time.Second {
@@ -74,12 +75,14 @@ func TestKVMMixedModes(t *testing.T) {
 	} {
 		injectProbe(t, false, "injected reason", runs...)
 		var note bytes.Buffer
-		f := kvmFlags{sim: &simFlags{vms: 5, vcpus: 1, mode: "mixed"}, trapMode: "trap", out: &note}
-		if _, err := f.backend(); err != nil {
+		f := kvmFlags{sim: &simFlags{vms: 5, vcpus: 1, mode: "mixed"}, trapMode: "trap"}
+		b, err := f.backend(&note)
+		if err != nil {
 			t.Fatalf("host runs %v: %v", runs, err)
 		}
-		if !slices.Equal(f.cfg.Modes, runs) || f.cfg.VMs != 5 {
-			t.Fatalf("host runs %v: the guests would run %v (%d VMs)", runs, f.cfg.Modes, f.cfg.VMs)
+		cfg := b.(*kvmBackend).cfg
+		if !slices.Equal(cfg.Modes, runs) || cfg.VMs != 5 {
+			t.Fatalf("host runs %v: the guests would run %v (%d VMs)", runs, cfg.Modes, cfg.VMs)
 		}
 		var names []string
 		for _, m := range runs {
@@ -105,9 +108,7 @@ func TestKVMSummary(t *testing.T) {
 	trap := kvm.Summary{Mode: kvm.Trap, Elapsed: 2 * time.Second,
 		VMs:   []kvm.VMStats{vm(1, vasmon.Mode4), vm(2, vasmon.ModePAE), vm(3, vasmon.Mode4)},
 		Total: kvm.VMStats{Traps: 30000, Submitted: 30000, Zaps: 29000, Flips: 400, FlipTime: 400 * 300 * time.Microsecond, FlipMax: 12 * time.Millisecond, Checks: 777, Ops: 900, RootsStarted: 9, RootsStopped: 4}}
-	var b bytes.Buffer
-	printKVMSummary(&b, trap)
-	out := b.String()
+	out := strings.Join(kvmSummaryLines(trap), "\n")
 	for _, want := range []string{"3 guests (4-level, pae), trap mode", "777 guest self-checks passed", "30000 trapped writes (15.0k/s)",
 		"29000 shadow zaps", "400 slot flips (mean 300µs, max 12ms)", "9 address spaces started, 4 stopped"} {
 		if !strings.Contains(out, want) {
@@ -116,9 +117,7 @@ func TestKVMSummary(t *testing.T) {
 	}
 	dirty := kvm.Summary{Mode: kvm.Dirty, Elapsed: 4 * time.Second, VMs: []kvm.VMStats{vm(1, vasmon.Mode4)},
 		Total: kvm.VMStats{DirtyPages: 8000, Harvests: 3000, Submitted: 500, Checks: 5}}
-	b.Reset()
-	printKVMSummary(&b, dirty)
-	out = b.String()
+	out = strings.Join(kvmSummaryLines(dirty), "\n")
 	if !strings.Contains(out, "8000 dirty pages (2.0k/s) in 3000 harvests") || !strings.Contains(out, "dirty mode") ||
 		strings.Contains(out, "trapped writes") {
 		t.Fatalf("dirty-mode summary:\n%s", out)
@@ -130,7 +129,7 @@ func TestKVMSummary(t *testing.T) {
 func requireKVMHost(t *testing.T) {
 	t.Helper()
 	if err := kvm.Probe(vasmon.Mode4); err != nil {
-		msg := fmt.Sprintf("\n*** SKIPPED: the KVM backend cannot run here: %s\n*** `vasengine run -backend kvm` was NOT run by this test.", oneLine(err))
+		msg := fmt.Sprintf("\n*** SKIPPED: the KVM backend cannot run here: %s\n*** `vasengine run -backend kvm` was NOT run by this test.", oneLine(err.Error()))
 		if os.Getenv("VASENGINE_REQUIRE_KVM") != "" {
 			t.Fatal(msg)
 		}

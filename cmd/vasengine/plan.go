@@ -61,7 +61,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 	fs.Float64Var(&f.headroom, "headroom", 0.2, "fraction of every resource (CPU rate within budget, queues, memory) kept free, in [0, 1)")
 	fs.StringVar(&f.mem, "mem", "", "host memory the tables may use, e.g. 8GiB (K, M, G, T are powers of 1024; default: half of MemTotal)")
 	fs.Float64Var(&f.vmBurst, "vm-burst", 0, "most events one VM submits within 1 ms (default: measured; for -prom, assumed)")
-	fs.StringVar(&f.plotPath, "plot", "plan.svg", "SVG plot of the curve, the budget and the plan (a folder: plan.svg in it)")
+	fs.StringVar(&f.plotPath, "plot", "", "write an SVG plot of the curve, the budget and the plan to this file (a folder: plan.svg in it); none unless given")
 	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
 	fs.BoolVar(&f.quick, "quick", false, "a short measurement (4 runs of 150 ms; overrides -step): a smoke test, not a plan")
 	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
@@ -75,12 +75,8 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	var f planFlags
 	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
 	f.register(fs)
-	fs.SetOutput(stderr)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return usagef("%v", err)
+	if err := parse(fs, args, stdout); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		return usagef("plan: unexpected argument %q", fs.Arg(0))
@@ -96,10 +92,10 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return usagef("-headroom %v: must be in [0, 1)", f.headroom)
 	case f.vcpus < 1 || f.vms < 1:
 		return usagef("-vcpus and -vms must be at least 1")
-	case !(f.vmRate > 0):
-		return usagef("-vm-rate %v: must be positive", f.vmRate)
-	case f.vmBurst < 0:
-		return usagef("-vm-burst %v: must not be negative", f.vmBurst)
+	case !(f.vmRate > 0) || !finite(f.vmRate):
+		return usagef("-vm-rate %v: must be a positive number", f.vmRate)
+	case !(f.vmBurst >= 0) || !finite(f.vmBurst):
+		return usagef("-vm-burst %v: must be a number, not negative", f.vmBurst)
 	case f.step <= 0:
 		return usagef("-step %v: must be positive", f.step)
 	case f.tracePath != "" && f.promPath != "":
@@ -120,9 +116,14 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	if f.mem == "" {
 		memNote = "memory for tables: half of MemTotal (set -mem)"
 	}
-	plotPath, err := resolvePlot(f.plotPath)
-	if err != nil {
-		return err
+	var plotPath string
+	if f.plotPath != "" {
+		if plotPath, err = resolvePlot(f.plotPath); err != nil {
+			return err
+		}
+		if err := checkOutput("-plot", plotPath, false, f.fromReport, f.tracePath, f.promPath); err != nil {
+			return err
+		}
 	}
 
 	in := plan.Inputs{Budget: cfg.Budget, Headroom: f.headroom, Shards: cfg.Shards, QueueDepth: cfg.QueueDepth,
@@ -139,6 +140,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	var wl *plan.Workload
+	var snap *plan.Snapshot
 	switch {
 	case f.tracePath != "":
 		w, err := readTraceWorkload(f.tracePath)
@@ -148,10 +150,12 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		w.Source = "trace " + f.tracePath
 		wl = &w
 	case f.promPath != "":
-		w, bpt, err := readPromWorkload(f.promPath, f.promTime, set["prom-time"])
+		s, err := readProm(f.promPath, f.promTime, set["prom-time"])
 		if err != nil {
 			return err
 		}
+		snap = s
+		w, bpt := s.Workload()
 		w.Source = "Prometheus snapshot " + f.promPath
 		if f.vmBurst == 0 {
 			w.BurstPerVM = float64(64*f.vcpus) + w.PeakRate*plan.BurstWindow.Seconds()
@@ -207,6 +211,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		in.Curve = plan.Curve{Points: pts, Source: fmt.Sprintf("measured now on %s: %d shards, queue depth %d, batch %d; simulator profile %s, %d VMs x %d vCPUs on the same CPUs; %v a point, loads as %% of the closed-loop max",
 			machine(), cfg.Shards, cfg.QueueDepth, cfg.MaxBatch, f.profile, f.vms, f.vcpus, m.step)}
 	}
+	if snap != nil {
+		addSnapshotPoint(&in.Curve, snap, cfg.Budget)
+	}
 	if f.vmBurst > 0 {
 		wl.BurstPerVM = f.vmBurst
 		wl.Notes = append(wl.Notes, "burst given by -vm-burst")
@@ -221,11 +228,46 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	if err := p.WriteTable(stdout); err != nil {
 		return err
 	}
-	if err := p.WritePlot(plotPath); err != nil {
+	if len(p.Inversions) > 0 {
+		fmt.Fprintf(stderr, "vasengine: warning: the cost curve is not monotone (a measurement problem): the plan is not to be trusted\n")
+	}
+	if plotPath == "" {
+		return nil
+	}
+	svg, err := p.PlotSVG()
+	if err != nil {
 		return fmt.Errorf("plan: plot: %w", err)
+	}
+	if err := writeOutput("-plot", plotPath, svg); err != nil {
+		return err
 	}
 	fmt.Fprintf(stdout, "plot: %s\n", plotPath)
 	return nil
+}
+
+// addSnapshotPoint puts what a Prometheus snapshot measured (its p99 at its
+// own mean load) into the curve, and says when it contradicts the curve.
+func addSnapshotPoint(c *plan.Curve, snap *plan.Snapshot, budget time.Duration) {
+	pt, ok := snap.Point()
+	if !ok {
+		c.Notes = append(c.Notes, "the snapshot has no callback latency measured: the plan rests on the curve alone")
+		return
+	}
+	want := c.P99At(pt.Rate())
+	c.Points = append(c.Points, pt)
+	beyond := ""
+	if snap.P99Beyond {
+		beyond = " (beyond the histogram's last bucket)"
+	}
+	note := fmt.Sprintf("the snapshot measured p99 %s%s over %.0f callbacks at its mean load of %s events/s; it is in the curve as the point %q",
+		plan.Dur(pt.P99), beyond, snap.Callbacks, plan.SI(pt.Rate()), pt.Label)
+	switch {
+	case (pt.P99 > budget) != (want > budget):
+		note += fmt.Sprintf("; it CONTRADICTS the cost curve, which gives %s at that load (budget %v): the curve was not measured under this host's conditions", plan.Dur(want), budget)
+	case float64(pt.P99) > 2*float64(want) || float64(want) > 2*float64(pt.P99):
+		note += fmt.Sprintf("; the cost curve gives %s at that load, more than a factor of two away", plan.Dur(want))
+	}
+	c.Notes = append(c.Notes, note)
 }
 
 // memBytes parses -mem, or returns half of the host's MemTotal.
@@ -297,34 +339,33 @@ func readTraceWorkload(path string) (plan.Workload, error) {
 	return w, nil
 }
 
-func readPromWorkload(path, at string, given bool) (plan.Workload, float64, error) {
+func readProm(path, at string, given bool) (*plan.Snapshot, error) {
 	file, err := os.Open(path)
 	if err != nil {
-		return plan.Workload{}, 0, usagef("-prom: %v", err)
+		return nil, usagef("-prom: %v", err)
 	}
 	defer file.Close()
 	st, err := file.Stat()
 	if err != nil {
-		return plan.Workload{}, 0, usagef("-prom: %v", err)
+		return nil, usagef("-prom: %v", err)
 	}
 	t := st.ModTime()
 	if given {
 		if t, err = parseTime(at); err != nil {
-			return plan.Workload{}, 0, err
+			return nil, err
 		}
 	}
 	snap, err := plan.ParseProm(file, t)
 	if err != nil {
-		return plan.Workload{}, 0, usagef("-prom %s: %v", path, err)
+		return nil, usagef("-prom %s: %v", path, err)
 	}
 	if given {
 		snap.At = t // the flag overrides the samples' timestamps
 		if !snap.At.After(snap.Start) {
-			return plan.Workload{}, 0, usagef("-prom-time %s: not after the process start %s", at, snap.Start.Format(time.RFC3339))
+			return nil, usagef("-prom-time %s: not after the process start %s", at, snap.Start.Format(time.RFC3339))
 		}
 	}
-	w, bpt := snap.Workload()
-	return w, bpt, nil
+	return snap, nil
 }
 
 func parseTime(s string) (time.Time, error) {

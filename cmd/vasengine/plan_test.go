@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +17,8 @@ import (
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/sim"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/vasmon"
 )
 
 // benchTxt is a saved `go test -bench ./bench/` output (trimmed).
@@ -73,7 +76,7 @@ func TestPlanFromReport(t *testing.T) {
 // TestPlanTrace records a short trace and plans its workload on a saved curve.
 func TestPlanTrace(t *testing.T) {
 	tr := filepath.Join(t.TempDir(), "run.trace")
-	if code, _, stderr := runMain("record", "-o", tr, "-duration", "400ms", "-vms", "2", "-rate", "2000"); code != 0 {
+	if code, _, stderr := runMain("record", "-o", tr, "-events", "1000", "-duration", "2m", "-vms", "2", "-rate", "2000"); code != 0 {
 		t.Fatalf("record: exit %d: %s", code, stderr)
 	}
 	checkPlan(t, []string{"-trace", tr, "-from-report", writeFile(t, "bench.txt", benchTxt), "-vcpus", "4"},
@@ -98,8 +101,14 @@ func TestPlanProm(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx, e, backends.Request{Monitored: backends.DefaultMonitored}) }()
-	time.Sleep(300 * time.Millisecond)
+	// Snapshot once every VM has submitted events (not after a sleep).
+	h := &eventsHost{Host: e, want: 100, vms: 3, ready: make(chan struct{}), seen: map[vasmon.VMID]int{}}
+	go func() { done <- s.Run(ctx, h, backends.Request{Monitored: backends.DefaultMonitored}) }()
+	select {
+	case <-h.ready:
+	case err := <-done:
+		t.Fatalf("the simulation ended first: %v", err)
+	}
 	mfs, err := reg.Gather()
 	cancel()
 	<-done
@@ -142,6 +151,9 @@ func TestPlanUsageErrors(t *testing.T) {
 		{"-queue-depth", "1"},
 		{"-step", "0s"},
 		{"-vm-burst", "-1"},
+		{"-vm-burst", "NaN"},
+		{"-vm-rate", "+Inf"},
+		{"-vm-rate", "NaN"},
 		{"-mem", "lots"},
 		{"-mem", "8XB"},
 		{"-from-report", filepath.Join(dir, "missing.txt")},
@@ -159,17 +171,121 @@ func TestPlanUsageErrors(t *testing.T) {
 		{"extra-argument"},
 	} {
 		start := time.Now()
-		code, out, stderr := runMain(append([]string{"plan"}, args...)...)
-		if code != 2 {
-			t.Errorf("plan %v: exit %d, want 2 (stdout %q, stderr %q)", args, code, out, stderr)
-			continue
+		all := append([]string{"plan"}, args...)
+		code, out, stderr := runMain(all...)
+		if out != "" {
+			t.Errorf("plan %v: stdout %q", args, out)
 		}
-		lines := strings.Split(strings.TrimSpace(stderr), "\n")
-		if last := lines[len(lines)-1]; !strings.HasPrefix(last, "vasengine: ") {
-			t.Errorf("plan %v: last stderr line %q does not say what is wrong", args, last)
-		}
+		usageFailure(t, all, code, stderr)
 		if d := time.Since(start); d > time.Second {
 			t.Errorf("plan %v: the error took %v (measured first?)", args, d)
 		}
 	}
+}
+
+// invertedTxt is the committed bench.txt's 2-shard latency curve of
+// 54f9171: p99 21 ms at 10% load, 3.4 ms at 90%.
+const invertedTxt = `BenchmarkLatency/shards=2/load=10%-2  1345231  895.4 ns/op  1124235 offered-events/s  56.61 over-budget-%  1966079 p50-ns  20971519 p99-ns  24117247 p999-ns
+BenchmarkLatency/shards=2/load=30%-2  4005391  298.3 ns/op  3372704 offered-events/s  60.24 over-budget-%  1572863 p50-ns  9437183 p99-ns  9437183 p999-ns
+BenchmarkLatency/shards=2/load=50%-2  6598020  179.7 ns/op  5621173 offered-events/s  80.19 over-budget-%  2228223 p50-ns  5505023 p99-ns  6553599 p999-ns
+BenchmarkLatency/shards=2/load=90%-2  11468778  117.1 ns/op  10118112 offered-events/s  92.72 over-budget-%  1507327 p50-ns  3407871 p99-ns  6553599 p999-ns
+BenchmarkStartMonitor/engine-2  128  9964738 ns/op  4264 bytes/table  412141 tables/s
+`
+
+// TestPlanInvertedCurve: a curve whose latency falls as the load rises is
+// said to be a measurement problem; when no VM fits, the plan says which
+// budgets would fit how many.
+func TestPlanInvertedCurve(t *testing.T) {
+	report := writeFile(t, "bench.txt", invertedTxt)
+	code, out, stderr := runMain("plan", "-from-report", report, "-shards", "2", "-vm-rate", "1000", "-vm-burst", "100", "-mem", "1GiB", "-budget", "10ms")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"WARNING: the curve is not monotone", "p99 20.97ms at 1.12M events/s (load=10%), then 9.44ms at 3.37M events/s (load=30%)",
+		"not to be trusted", "plan: no VM fits within the budget of 10ms", "a budget of 20.97ms would fit"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the plan lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(stderr, "warning: the cost curve is not monotone") {
+		t.Errorf("no warning on stderr: %q", stderr)
+	}
+}
+
+// TestPlanPromSnapshotLatency: a snapshot whose own p99 is over a second
+// is not planned from the curve alone: its measurement is a point of the
+// curve, and the contradiction is said.
+func TestPlanPromSnapshotLatency(t *testing.T) {
+	snap := `# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1.7e+09
+# TYPE vasengine_vms gauge
+vasengine_vms 2
+# TYPE vasengine_hooked_tables gauge
+vasengine_hooked_tables 200
+# TYPE vasengine_table_host_bytes gauge
+vasengine_table_host_bytes 1e+06
+# TYPE vasengine_vm_events_submitted_total counter
+vasengine_vm_events_submitted_total{vm="1"} 300000
+vasengine_vm_events_submitted_total{vm="2"} 300000
+# TYPE vasengine_callback_latency_seconds histogram
+vasengine_callback_latency_seconds_bucket{le="0.001"} 10
+vasengine_callback_latency_seconds_bucket{le="1"} 900
+vasengine_callback_latency_seconds_bucket{le="+Inf"} 1000
+vasengine_callback_latency_seconds_sum 2000
+vasengine_callback_latency_seconds_count 1000
+`
+	prom := writeFile(t, "snap.prom", snap)
+	report := writeFile(t, "bench.txt", benchTxt)
+	code, out, stderr := runMain("plan", "-prom", prom, "-prom-time", "1700000100", "-from-report", report, "-budget", "10ms", "-mem", "1GiB")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"the snapshot measured p99 1.00s (beyond the histogram's last bucket) over 1000 callbacks at its mean load of 6.0k events/s",
+		"CONTRADICTS the cost curve", "plan: no VM fits within the budget of 10ms"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the plan lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestPlanNoPlotUnlessAsked: plan writes no file unless -plot is given.
+func TestPlanNoPlotUnlessAsked(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	report := writeFile(t, "bench.txt", benchTxt)
+	code, out, stderr := runMain("plan", "-from-report", report, "-vm-rate", "1000", "-vm-burst", "100", "-mem", "1GiB")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 || strings.Contains(out, "plot:") {
+		t.Fatalf("files written without -plot: %v\n%s", entries, out)
+	}
+	if code, _, stderr := runMain("plan", "-from-report", report, "-vm-rate", "1000", "-vm-burst", "100", "-mem", "1GiB", "-plot", "/dev/full"); code != 1 || !strings.Contains(stderr, "-plot") {
+		t.Fatalf("-plot /dev/full: exit %d, %q", code, stderr)
+	}
+}
+
+// eventsHost closes ready once vms VMs have each submitted want events.
+type eventsHost struct {
+	engine.Host
+	want, vms int
+	mu        sync.Mutex
+	seen      map[vasmon.VMID]int
+	ready     chan struct{}
+	closed    bool
+}
+
+func (h *eventsHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
+	n, err := h.Host.Submit(vm, evs)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.seen[vm] < h.want && h.seen[vm]+n >= h.want {
+		h.vms--
+	}
+	h.seen[vm] += n
+	if h.vms == 0 && !h.closed {
+		h.closed = true
+		close(h.ready)
+	}
+	return n, err
 }

@@ -8,15 +8,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sys/unix"
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/engine"
@@ -35,40 +31,56 @@ type engineFlags struct {
 	spin        time.Duration
 	listen      string
 	prof        pprof.Files
+	json        bool
+	metricsOut  string
+	top         int
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
 	allowed, _ := shard.AllowedCPUs()
-	fs.IntVar(&f.shards, "shards", max(1, len(allowed)), "number of shards (default: one per CPU this process may use)")
-	fs.StringVar(&f.cpus, "cpus", "", "host CPUs to pin shard workers to, e.g. 0-3,6 (default: the allowed set)")
-	fs.IntVar(&f.batch, "batch", 256, "most events a worker drains per batch")
-	fs.IntVar(&f.queue, "queue-depth", 1<<14, "events per shard ingest queue")
+	fs.IntVar(&f.shards, "shards", max(1, len(allowed)), fmt.Sprintf("number of shards (default: one per CPU this process may use; at most %d per CPU and %d)", shardsPerCPU, maxShards))
+	fs.StringVar(&f.cpus, "cpus", "", "host CPUs to pin shard workers to, round robin, e.g. 0-3,6 (default: unpinned; pinning pays only on CPUs kept free for the engine)")
+	fs.IntVar(&f.batch, "batch", 256, "most events a worker drains per batch (at most -queue-depth)")
+	fs.IntVar(&f.queue, "queue-depth", 1<<14, "events per shard ingest queue (2..16777216; all queues within half the memory available)")
 	fs.DurationVar(&f.budget, "budget", 20*time.Microsecond, "trap-to-callback latency budget")
 	fs.BoolVar(&f.nonblocking, "nonblocking", false, "reject events when a shard queue is full instead of waiting")
-	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "how long an idle worker polls before it parks (longer: lower latency at a steady rate, busier CPUs)")
+	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "how long an idle worker polls before it parks, at most 1s (longer: lower latency at a steady rate, busier CPUs)")
 	fs.StringVar(&f.listen, "listen", "", "address serving /metrics and /debug/pprof/ (e.g. 127.0.0.1:9100)")
 	fs.StringVar(&f.prof.CPU, "cpuprofile", "", "write a CPU profile to this file")
 	fs.StringVar(&f.prof.Mem, "memprofile", "", "write a heap profile to this file at exit")
 	fs.StringVar(&f.prof.Mutex, "mutexprofile", "", "write a mutex contention profile to this file")
 	fs.StringVar(&f.prof.Block, "blockprofile", "", "write a blocking profile to this file")
+	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
+	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
+	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
 }
 
 func (f *engineFlags) config() (engine.Config, error) {
-	c := engine.Config{Shards: f.shards, MaxBatch: f.batch, QueueDepth: f.queue, Budget: f.budget, NonBlocking: f.nonblocking, Spin: f.spin}
+	c := engine.Config{Shards: f.shards, MaxBatch: f.batch, QueueDepth: f.queue, Budget: f.budget, NonBlocking: f.nonblocking,
+		Spin: f.spin, MaxVMs: maxVMs}
 	if f.shards < 1 {
 		return c, usagef("-shards %d: need at least one shard", f.shards)
 	}
-	if f.spin < 0 {
-		return c, usagef("-spin %v: must not be negative", f.spin)
+	if lim := shardLimit(); f.shards > lim {
+		return c, usagef("-shards %d: at most %d on this host (%d per CPU this process may use, %d in all)", f.shards, lim, shardsPerCPU, maxShards)
 	}
-	if f.batch < 1 {
-		return c, usagef("-batch %d: must be at least 1", f.batch)
+	if f.spin < 0 || f.spin > time.Second {
+		return c, usagef("-spin %v: must be within 0..1s", f.spin)
 	}
 	if f.queue < 2 || f.queue > 1<<24 {
 		return c, usagef("-queue-depth %d: must be between 2 and 16777216", f.queue)
 	}
+	if f.batch < 1 || f.batch > f.queue {
+		return c, usagef("-batch %d: must be within 1..-queue-depth (%d)", f.batch, f.queue)
+	}
+	if err := checkMemory(fmt.Sprintf("-shards %d x -queue-depth %d", f.shards, f.queue), queueBytes(f.shards, f.queue)); err != nil {
+		return c, err
+	}
 	if f.budget <= 0 {
 		return c, usagef("-budget %v: must be positive", f.budget)
+	}
+	if f.top < 0 {
+		return c, usagef("-top %d: must not be negative", f.top)
 	}
 	if f.cpus != "" {
 		cpus, err := shard.ParseCPUList(f.cpus)
@@ -85,9 +97,23 @@ func (f *engineFlags) config() (engine.Config, error) {
 				return c, usagef("-cpus: CPU %d is not in the set this process may use (%v)", cpu, allowed)
 			}
 		}
-		c.CPUs = cpus
+		c.CPUs, c.Pin = cpus, true
 	}
 	return c, nil
+}
+
+// checkOutputs checks the output files of the flags before anything runs.
+func (f *engineFlags) checkOutputs(inputs ...string) error {
+	for _, o := range []struct{ flag, path string }{{"-cpuprofile", f.prof.CPU}, {"-memprofile", f.prof.Mem},
+		{"-mutexprofile", f.prof.Mutex}, {"-blockprofile", f.prof.Block}, {"-metrics-out", f.metricsOut}} {
+		if o.path == "" {
+			continue
+		}
+		if err := checkOutput(o.flag, o.path, false, inputs...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // runFlags are run's and record's own flags.
@@ -96,21 +122,11 @@ type runFlags struct {
 	backend  string
 	duration time.Duration
 	out      string
+	force    bool
 	sim      simFlags
 	kvm      kvmFlags
 	qemu     qemuFlags
 	replay   replayFlags
-}
-
-func parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
-	fs.SetOutput(stderr)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return usagef("%v", err)
-	}
-	return nil
 }
 
 func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
@@ -122,21 +138,18 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	f.engineFlags.register(fs)
 	fs.StringVar(&f.backend, "backend", "sim", "where the guests come from: sim, kvm, qemu or replay")
-	fs.DurationVar(&f.duration, "duration", 10*time.Second, "how long to run (SIGINT or SIGTERM stop earlier, after a drain)")
+	fs.DurationVar(&f.duration, "duration", 10*time.Second, "how long to run; SIGINT, SIGTERM or this end the run within one second, with a summary")
 	if record {
-		fs.StringVar(&f.out, "o", "", "trace file to write (required)")
+		fs.StringVar(&f.out, "o", "", "trace file to write (required); written under a temporary name and renamed when complete")
+		fs.BoolVar(&f.force, "force", false, "replace the -o file if it exists")
 	}
 	f.sim.register(fs)
-	f.kvm.sim, f.kvm.out = &f.sim, stderr
-	f.replay.out = stderr
+	f.kvm.sim = &f.sim
 	f.kvm.register(fs)
 	f.qemu.register(fs)
 	f.replay.register(fs)
-	if err := parse(fs, args, stderr); err != nil {
+	if err := parse(fs, args, stdout); err != nil {
 		return err
-	}
-	if fs.Parsed() && len(args) > 0 && (args[len(args)-1] == "-h" || args[len(args)-1] == "--help") {
-		return nil
 	}
 	if fs.NArg() > 0 {
 		return usagef("%s: unexpected argument %q", name, fs.Arg(0))
@@ -151,29 +164,33 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	if err != nil {
 		return err
 	}
-	b, err := f.pickBackend()
+	b, err := f.pickBackend(stderr)
 	if err != nil {
 		return err
 	}
-	err = runEngine(cfg, &f.engineFlags, f.duration, f.out, b, stdout, stderr)
-	if f.backend == "kvm" {
-		f.kvm.printSummary(stdout)
+	var inputs []string
+	if f.backend == "replay" {
+		inputs = append(inputs, f.replay.file)
 	}
-	if f.backend == "qemu" {
-		f.qemu.printSummary(stdout)
+	if record {
+		if err := checkOutput("-o", f.out, !f.force, inputs...); err != nil {
+			return err
+		}
+		inputs = append(inputs, f.out)
 	}
-	return err
+	if err := f.engineFlags.checkOutputs(inputs...); err != nil {
+		return err
+	}
+	return runSession(&session{command: name, cfg: cfg, flags: &f.engineFlags, duration: f.duration,
+		tracePath: f.out, force: f.force, b: b, stdout: stdout, stderr: stderr})
 }
 
-// backendRun runs a backend against host until ctx ends.
-type backendRun func(ctx context.Context, host engine.Host, req backends.Request) error
-
-func (f *runFlags) pickBackend() (backendRun, error) {
+func (f *runFlags) pickBackend(stderr io.Writer) (backend, error) {
 	switch f.backend {
 	case "sim":
 		return f.sim.backend()
 	case "kvm":
-		return f.kvm.backend()
+		return f.kvm.backend(stderr)
 	case "qemu":
 		return f.qemu.backend()
 	case "replay":
@@ -182,96 +199,49 @@ func (f *runFlags) pickBackend() (backendRun, error) {
 	return nil, usagef("-backend %q: want sim, kvm, qemu or replay", f.backend)
 }
 
-// runEngine starts the engine, the metrics endpoint and the profiles, runs
-// the backend for at most d (or until SIGINT/SIGTERM), drains, and prints the
-// summary.
-func runEngine(cfg engine.Config, ef *engineFlags, d time.Duration, tracePath string, run backendRun, stdout, stderr io.Writer) error {
-	e, err := engine.New(cfg)
-	if err != nil {
-		return usagef("%v", err)
-	}
-	defer e.Close()
-	for _, perr := range e.PinErrors() {
-		fmt.Fprintf(stderr, "vasengine: warning: %v\n", perr)
-	}
-	reg := prometheus.NewRegistry()
-	if err := e.Register(reg); err != nil {
-		return err
-	}
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if ef.listen != "" {
-		ln, err := net.Listen("tcp", ef.listen)
-		if err != nil {
-			return usagef("-listen: %v", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		pprof.Register(mux)
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go srv.Serve(ln)
-		defer srv.Close()
-		fmt.Fprintf(stderr, "vasengine: serving /metrics and /debug/pprof/ on http://%s\n", ln.Addr())
-	}
-	stopProf, err := pprof.Start(ef.prof)
-	if err != nil {
-		return usagef("%v", err)
-	}
-	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	ctx, cancelT := context.WithTimeout(ctx, d)
-	defer cancelT()
-
-	var host engine.Host = e
-	var closeTrace func() error
-	if tracePath != "" {
-		h, c, err := newTraceRecorder(tracePath, e)
-		if err != nil {
-			return err
-		}
-		host, closeTrace = h, c
-	}
-	start := time.Now()
-	prog := newProgress(e, stderr, isTerminal(stderr))
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, host, backends.Request{Monitored: backends.DefaultMonitored, Callback: func(any, uint64, uint64, uint64, uint64) {}})
-	}()
-	tick := time.NewTicker(250 * time.Millisecond)
-	defer tick.Stop()
-	var runErr error
-loop:
-	for {
-		select {
-		case runErr = <-done:
-			break loop
-		case <-tick.C:
-			prog.sample()
-		}
-	}
-	prog.sample()
-	e.Close() // drains every queued event
-	elapsed := time.Since(start)
-	prog.finish()
-	if closeTrace != nil {
-		if err := closeTrace(); err != nil && runErr == nil {
-			runErr = err
-		}
-	}
-	if err := stopProf(); err != nil && runErr == nil {
-		runErr = err
-	}
-	printSummary(stdout, e, prog, elapsed)
-	if runErr != nil && !errors.Is(runErr, context.Canceled) && !errors.Is(runErr, context.DeadlineExceeded) {
-		return runErr
-	}
-	return nil
+// backend is where a run's guests come from.
+type backend interface {
+	// describe says what runs, for the start line.
+	describe() string
+	// prepare does the set-up that may take long (building simulated VMs,
+	// reading a trace's header). An interrupted run abandons it.
+	prepare(ctx context.Context) error
+	// run runs the guests against host until ctx ends or they end.
+	run(ctx context.Context, host engine.Host, req backends.Request) error
+	// report is the backend's part of the summary, ran the time since the
+	// backend started. It may be called while run has not returned.
+	report(ran time.Duration) backendReport
 }
 
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
+// backendReport is a backend's part of the summary.
+type backendReport struct {
+	Lines    []string // for the text summary
+	Stats    any      // the JSON summary's backend_stats
+	Warnings []string // also printed on stderr
+}
+
+// startServer serves /metrics and /debug/pprof/ on addr.
+func startServer(addr string, reg *prometheus.Registry, stderr io.Writer) (func(), error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, usagef("-listen: %v", err)
 	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	pprof.Register(mux)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	fmt.Fprintf(stderr, "vasengine: serving /metrics and /debug/pprof/ on http://%s\n", ln.Addr())
+	return func() { srv.Close() }, nil
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// isInterrupt reports whether err only says the run's context ended.
+func isInterrupt(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
