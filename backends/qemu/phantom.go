@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/vasmon"
 )
 
@@ -85,15 +86,28 @@ const phantomsKept = 8
 // callback context is the root's *backends.RootInfo.
 func (p *phantoms) check(cb vasmon.Callback) vasmon.Callback {
 	return func(ctx any, va, old, new, size uint64) {
-		if new&vasmon.BitP != 0 {
-			p.present.Add(1)
-			if info, ok := ctx.(*backends.RootInfo); ok {
-				if why := CheckEntry(info.Mode, p.ramBytes, new, size); why != "" {
-					p.add(PhantomCall{Root: info.Name, VA: va, Old: old, New: new, Size: size, Why: why})
-				}
+		p.checkOne(ctx, va, old, new, size)
+		cb(ctx, va, old, new, size)
+	}
+}
+
+// checkVerdict is check for a verdict callback (engine.RootOptions.Verdict,
+// called instead of the callback).
+func (p *phantoms) checkVerdict(cb shard.VerdictCallback) shard.VerdictCallback {
+	return func(ctx any, va, old, new, size uint64) shard.Verdict {
+		p.checkOne(ctx, va, old, new, size)
+		return cb(ctx, va, old, new, size)
+	}
+}
+
+func (p *phantoms) checkOne(ctx any, va, old, new, size uint64) {
+	if new&vasmon.BitP != 0 {
+		p.present.Add(1)
+		if info, ok := ctx.(*backends.RootInfo); ok {
+			if why := CheckEntry(info.Mode, p.ramBytes, new, size); why != "" {
+				p.add(PhantomCall{Root: info.Name, VA: va, Old: old, New: new, Size: size, Why: why})
 			}
 		}
-		cb(ctx, va, old, new, size)
 	}
 }
 

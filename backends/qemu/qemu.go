@@ -82,6 +82,49 @@
 // page holds afterwards (its proofs go through no unprotected page); the
 // backend then stops the root.
 //
+// # Synchronous delivery
+//
+// With Config.Sync (SEMANTICS.md section 7; issue 14) the plugin holds the
+// vCPU that stored into a protected page, inside the store's memory
+// callback, until the backend has submitted the record through an
+// engine.Syncer and the engine has done the store's closure (every hook,
+// unhook and callback it caused, on every shard); the backend then answers
+// the plugin through the vCPU's ack word in the control file. The vCPU
+// polls the word for 20 us, then sleeps on it (a futex shared by the two
+// processes); the drainer likewise sleeps on the plugin's bell when the ring
+// is empty. A hold ends without an answer after 10 s, and at once when the
+// Go process is found gone (the plugin then turns holds off), so a dead
+// backend never hangs QEMU; Counters.GiveUps counts such holds (0 in a
+// healthy run). The vCPU that completes a new PGD is held too, until its
+// root is started, so that no table linked into it goes unhooked.
+//
+// If a callback denies the store (RootOptions.Verdict), the backend puts
+// the entry's old value back in guest RAM before it answers, as a trapped
+// write of its own (stamped on the page's version word), and submits that
+// write synchronously: the engine's state and callback stream end as if
+// the store had been made and reverted, with guest memory unchanged. The
+// old value comes from the backend's copy of every protected page, taken
+// when the page is protected and kept from the records (the plugin runs
+// after the store and cannot see the old bytes); a store stamped within
+// that copy, or an entry changed again before the revert, cannot be
+// reverted (GuestStats.Unreverted).
+//
+// What the other vCPUs see. QEMU 7.2 calls the plugin after the store has
+// reached guest RAM, so a held vCPU's store is already visible to the
+// other vCPUs, which run on: they may read the new entry and translate
+// through it (their page walks read guest RAM directly, without a
+// callback), and they may store into a table the held store linked before
+// the engine hooks it (such a store is not trapped, but the hook's read of
+// the table includes it). Linux makes both rare: the writer of a link holds
+// the page-table lock until it returns from the callback, so no other vCPU
+// fills the new table meanwhile (GuestStats.Windows counts such stores;
+// the tests find none with Sync). A denied store is visible to the others
+// until it is reverted, and a translation they cached from it (QEMU's
+// soft TLB) outlives the revert until the guest flushes it. Stores of other
+// vCPUs to protected pages are held each in turn: the drainer submits the
+// records one at a time, in ring order. Only the writing vCPU is held; the
+// guest stays consistent as on hardware where one CPU stalls on a store.
+//
 // # Guests
 //
 // Each guest is its own QEMU process, VM ID, RAM file, control file and QMP
@@ -129,6 +172,20 @@ type Config struct {
 	SampleEvery time.Duration
 	// RingSlots is the record ring's capacity (a power of two); 0: 1<<18.
 	RingSlots int
+
+	// Sync delivers every page-table store synchronously (SEMANTICS.md
+	// section 7; see "Synchronous delivery" above): the plugin holds the
+	// storing vCPU until the engine has done the store's closure, and a
+	// store a callback denies (RootOptions.Verdict) is reverted.
+	Sync bool
+	// NewSyncer returns the synchronous submitter of a VM's writes for
+	// Sync; nil: the host's own (an *engine.Engine; another host is an
+	// error, ErrNoSync).
+	NewSyncer func(vm vasmon.VMID) (Syncer, error)
+	// Windows counts the stores into a page after it was linked and before
+	// the engine hooked it (GuestStats.Windows), at the cost of a bitmap
+	// test per store to an unprotected page.
+	Windows bool
 
 	// NullConsumer drains the ring but submits nothing and starts no root:
 	// the plugin-only baseline. host may then be nil.

@@ -12,8 +12,12 @@ import (
 )
 
 // Root discovery and retirement for Linux x86-64 guests (see the package
-// comment). The lifecycle goroutine owns starting and stopping; the drainer
-// only flags roots whose table page it sees rewritten.
+// comment). The lifecycle goroutine starts and stops roots; the drainer
+// flags roots whose table page it sees rewritten, and with Config.Sync
+// starts the roots of new PGDs itself while their vCPU is held. Both hold
+// Guest.lifeMu while they start or stop roots, never while they talk to
+// QEMU (QMP): a QMP stop waits for the held vCPUs, which wait for the
+// drainer.
 
 const (
 	userEntries  = 256 // root entries below this are the user half (4- and 5-level)
@@ -167,28 +171,31 @@ func (g *Guest) lifecycle() {
 	defer sample.Stop()
 	check := time.NewTicker(recheckEvery)
 	defer check.Stop()
-	d := &detector{cand: make(map[[512 - userEntries]uint64]uint64)}
 	for {
 		select {
 		case <-g.quitLife:
 			return
 		case o := <-g.ops:
+			g.lifeMu.Lock()
 			switch o.kind {
 			case opDeath:
 				g.stopRoot(o.st)
 			case opBirth:
-				g.birth(d, o.gpa)
+				g.birth(o.gpa)
 			case opSync:
-				g.recheck(d)
+				g.recheck()
 				close(o.done)
 			}
+			g.lifeMu.Unlock()
 		case <-sample.C:
 			if !g.paused.Load() && g.ctl != nil {
-				g.sample(d)
+				g.sample()
 			}
 		case <-check.C:
 			if !g.paused.Load() {
-				g.recheck(d)
+				g.lifeMu.Lock()
+				g.recheck()
+				g.lifeMu.Unlock()
 			}
 		}
 	}
@@ -199,13 +206,14 @@ type detector struct {
 	ref    *[512 - userEntries]uint64
 	mode   vasmon.Mode                          // paging mode of the CR3s that gave ref
 	cand   map[[512 - userEntries]uint64]uint64 // kernel half -> first page seen with it
-	failed bool                                 // sampling failed (QEMU gone)
+	failed atomic.Bool                          // sampling failed (QEMU gone)
 }
 
 // isPGD reports whether the page at gpa looks like a live Linux PGD. Until
 // the reference kernel half is known, it learns it: the first kernel half
 // (with a present entry) that two distinct sampled CR3 pages share.
-func (g *Guest) isPGD(d *detector, gpa uint64, mode vasmon.Mode) bool {
+func (g *Guest) isPGD(gpa uint64, mode vasmon.Mode) bool {
+	d := g.det
 	k := g.kernelHalf(gpa)
 	if d.ref == nil {
 		present := false
@@ -244,8 +252,9 @@ func modeOf(r cpuRegs) (vasmon.Mode, bool) {
 	return 0, false // 32-bit and PAE paging: not a Linux x86-64 guest
 }
 
-func (g *Guest) sample(d *detector) {
-	if d.failed {
+func (g *Guest) sample() {
+	d := g.det
+	if d.failed.Load() {
 		return
 	}
 	t0 := time.Now()
@@ -253,14 +262,16 @@ func (g *Guest) sample(d *detector) {
 	g.ls.samples.Add(1)
 	g.ls.sampleNs.Add(uint64(time.Since(t0)))
 	if err != nil {
-		d.failed = true // QEMU has exited or is exiting
+		d.failed.Store(true) // QEMU has exited or is exiting
 		return
 	}
 	regs, err := parseRegisters(out)
 	if err != nil {
-		d.failed = true
+		d.failed.Store(true)
 		return
 	}
+	g.lifeMu.Lock()
+	defer g.lifeMu.Unlock()
 	for _, r := range regs {
 		mode, ok := modeOf(r)
 		if !ok {
@@ -271,7 +282,7 @@ func (g *Guest) sample(d *detector) {
 		if _, known := g.roots.Load(gpa); known || !g.ram.InRAM(gpa, vasmon.PageSize) {
 			continue
 		}
-		if !g.isPGD(d, gpa, mode) {
+		if !g.isPGD(gpa, mode) {
 			g.ls.notPGD.Add(1)
 			continue
 		}
@@ -289,7 +300,8 @@ func (g *Guest) sample(d *detector) {
 // root was started after this birth's record was drained and already covers
 // the page's current content. A birth on the page of a dying root (its
 // death is queued behind) is a new PGD: the old root is stopped first.
-func (g *Guest) birth(d *detector, gpa uint64) {
+func (g *Guest) birth(gpa uint64) {
+	d := g.det
 	if st, known := g.roots.Load(gpa); known {
 		if !st.dying.Load() {
 			return
@@ -346,7 +358,8 @@ func (g *Guest) stopRoot(st *rootState) {
 }
 
 // recheck stops roots whose kernel half is no longer the reference.
-func (g *Guest) recheck(d *detector) {
+func (g *Guest) recheck() {
+	d := g.det
 	if d.ref == nil {
 		return
 	}

@@ -35,6 +35,28 @@
  * once, and the engine, which runs behind the guest, must neither see nor
  * read through it as a root any more.
  *
+ * Holds (synchronous delivery, SEMANTICS.md section 7). When the Go side
+ * sets the header's sync word, a vCPU that pushed an entry record (or a
+ * PGD record) does not go on until the Go side answers: it stores the
+ * record's seq into the vCPU's ack word once the engine has done the
+ * write's closure (and, if a callback denied the write, after it put the
+ * entry's old bytes back in guest RAM). The vCPU rings the Go side's bell
+ * (a futex word) after the push, polls its ack word for HOLD_SPIN_NS, then
+ * sleeps on it (futex) in slices of HOLD_SLICE_NS, checking between slices
+ * that the Go process is alive (go_pid): a dead Go side turns sync off for
+ * good, and a hold longer than HOLD_LIMIT_NS is given up (give_ups), so
+ * that QEMU never hangs on it. The store itself has already reached guest
+ * RAM when the callback runs (QEMU 7.2 has no callback before a store):
+ * other vCPUs may read and use the new entry while its writer is held.
+ *
+ * Windows. With a bitmap of linked pages (link_offset), the target frame of
+ * every present, non-PS entry an entry record holds is marked linked, and
+ * the first later store to a marked page that is not protected pushes a
+ * window record (and clears the mark): a store into a table after it was
+ * linked and before the engine hooked it, if the page turns out to be a
+ * table the engine hooks (the Go side decides; a leaf's data page is
+ * marked too, and its stores are no windows).
+ *
  * It also reports stores that complete a page whose last 8 bytes then equal
  * a value the Go side publishes (entry 511 of the guest's reference
  * top-level table): how a Linux guest's new address spaces are found at
@@ -66,7 +88,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <linux/futex.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -120,10 +145,13 @@ EXPORT int qemu_plugin_version = 1;
 /* ---- Shared control file (see backends/qemu/shm.go). ---- */
 
 #define CTL_MAGIC 0x3153545051534156ULL /* "VASQPTS1" */
-#define CTL_VERSION 2 /* 1: a bitmap of protected pages, no stamps */
+#define CTL_VERSION 3 /* 1: a bitmap of protected pages, no stamps; 2: no holds */
 #define MAX_VCPUS 64
 #define HDR_BYTES 8192
 #define WAIT_LIMIT_NS 10000000000LL /* a full ring for this long counts a drop */
+#define HOLD_SPIN_NS 20000LL          /* a held vCPU polls its ack word this long, */
+#define HOLD_SLICE_NS 50000000L       /* then sleeps on it in slices of this, */
+#define HOLD_LIMIT_NS 10000000000LL   /* and gives the hold up after this long */
 
 struct vcpu_counters {
 	uint64_t stores;    /* store callbacks (RAM and io) */
@@ -132,7 +160,9 @@ struct vcpu_counters {
 	uint64_t waits;     /* pushes that found the ring full */
 	uint64_t wait_ns;   /* time spent waiting for room */
 	uint64_t crosspage; /* stores that crossed a page boundary */
-	uint64_t pad[2];
+	uint32_t ack;       /* the Go side: the seq of the last held record it answered */
+	uint32_t waiting;   /* the vCPU sleeps on ack (futex) */
+	uint64_t held_ns;   /* time the vCPU was held (see "Holds") */
 };
 
 struct ctl_header {
@@ -153,7 +183,13 @@ struct ctl_header {
 	uint64_t drops;   /* offset 192 */
 	uint64_t pgd_sig;     /* offset 200: entry 511 of the reference PGD, 0: unknown */
 	uint64_t root_offset; /* offset 208: byte offset of the bitmap of root pages */
-	uint64_t pad3[5];
+	uint32_t sync;        /* offset 216: hold vCPUs after their records (see "Holds") */
+	uint32_t go_pid;      /* offset 220: the Go side's process, for the liveness check */
+	uint32_t bell;        /* offset 224: counts held records pushed (futex of the Go side) */
+	uint32_t bell_waiting; /* offset 228: the Go side sleeps on bell */
+	uint64_t link_offset; /* offset 232: byte offset of the bitmap of linked pages, 0: no windows */
+	uint64_t give_ups;    /* offset 240: holds given up (the Go side too slow or gone) */
+	uint64_t windows;     /* offset 248: window records pushed */
 	struct vcpu_counters vcpu[MAX_VCPUS]; /* offset 256 */
 };
 
@@ -170,7 +206,7 @@ struct record {
 	uint32_t ver;       /* the store's stamp on its page's version word (REC_ENTRY) */
 };
 
-enum { REC_ENTRY = 0, REC_PGD = 1 };
+enum { REC_ENTRY = 0, REC_PGD = 1, REC_WINDOW = 2 };
 #define REC_ROOT_END 8    /* kind >> REC_ROOT_END: how the store ended a root, 0: it did not */
 #define ROOT_END_KERNEL 1 /* a store to the kernel half (backends/qemu: whyKernel) */
 #define ROOT_END_EMPTY 2  /* the user half left without a present entry (whyEmpty) */
@@ -183,6 +219,12 @@ _Static_assert(__builtin_offsetof(struct ctl_header, drops) == 192, "header layo
 _Static_assert(__builtin_offsetof(struct ctl_header, vcpu) == 256, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, pgd_sig) == 200, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, root_offset) == 208, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, sync) == 216, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, bell) == 224, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, link_offset) == 232, "header layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, windows) == 248, "header layout");
+_Static_assert(__builtin_offsetof(struct vcpu_counters, ack) == 48, "counters layout");
+_Static_assert(sizeof(struct vcpu_counters) == 64, "counters layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, ver_offset) == 48, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, ring_offset) == 56, "header layout");
 _Static_assert(__builtin_offsetof(struct record, kind) == 56, "record layout");
@@ -198,6 +240,7 @@ _Static_assert(sizeof(struct ctl_header) <= HDR_BYTES, "header size");
 static struct ctl_header *hdr;
 static uint64_t *vers;  /* hdr->ver_pages words */
 static uint64_t *roots; /* bitmap of root pages, hdr->ver_pages bits */
+static uint64_t *links; /* bitmap of pages an entry record linked (windows), or NULL */
 static struct record *ring;
 static uint64_t ring_mask;
 static const uint8_t *ram;
@@ -284,9 +327,12 @@ static struct vcpu_counters *counters(unsigned int vcpu)
 	return &hdr->vcpu[vcpu < MAX_VCPUS ? vcpu : MAX_VCPUS - 1];
 }
 
-/* push records the entry at gpa (8-byte aligned) after a store. */
-static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned size, uint64_t rip,
-		 uint32_t kind, uint32_t ver)
+/*
+ * push records the entry at gpa (8-byte aligned) after a store and returns
+ * the record's seq (0 if it was dropped); *val gets the entry's value.
+ */
+static uint64_t push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned size, uint64_t rip,
+		     uint32_t kind, uint32_t ver, uint64_t *val)
 {
 	struct vcpu_counters *c = counters(vcpu);
 	uint64_t h = __atomic_load_n(&hdr->head, __ATOMIC_RELAXED);
@@ -308,7 +354,7 @@ static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned s
 		if (d > WAIT_LIMIT_NS) {
 			__atomic_fetch_add(&hdr->drops, 1, __ATOMIC_RELAXED);
 			BUMP(&c->wait_ns, d);
-			return;
+			return 0;
 		}
 		if (d < 20000) {
 			__builtin_ia32_pause();
@@ -323,7 +369,9 @@ static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned s
 	struct record *r = &ring[h & ring_mask];
 	r->gpa = gpa;
 	/* Read after the reservation: see "Ordering" above. */
-	r->val = gpa + 8 <= ram_bytes ? __atomic_load_n((const uint64_t *)(ram + gpa), __ATOMIC_RELAXED) : 0;
+	r->val = kind != REC_WINDOW && gpa + 8 <= ram_bytes ? __atomic_load_n((const uint64_t *)(ram + gpa), __ATOMIC_RELAXED) : 0;
+	if (val)
+		*val = r->val;
 	r->rip = rip;
 	r->ts = now_ns();
 	r->vcpu = vcpu;
@@ -333,6 +381,87 @@ static void push(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned s
 	r->ver = ver;
 	__atomic_store_n(&r->seq, h + 1, __ATOMIC_RELEASE);
 	BUMP(&c->records, 1);
+	return h + 1;
+}
+
+static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
+{
+	return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+/* go_alive reports whether the Go process is still there. */
+static bool go_alive(void)
+{
+	pid_t pid = (pid_t)LOAD(&hdr->go_pid);
+	return pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH;
+}
+
+/*
+ * hold keeps the vCPU until the Go side answers the record of seq (see
+ * "Holds"). The file is shared between processes: the futex operations
+ * are the shared (not private) ones.
+ */
+static void hold(unsigned int vcpu, uint64_t seq)
+{
+	struct vcpu_counters *c = counters(vcpu);
+	uint32_t want = (uint32_t)seq;
+	int64_t t0 = now_ns();
+	__atomic_add_fetch(&hdr->bell, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&hdr->bell_waiting, __ATOMIC_SEQ_CST))
+		futex(&hdr->bell, FUTEX_WAKE, INT32_MAX, NULL);
+	while (__atomic_load_n(&c->ack, __ATOMIC_ACQUIRE) != want) {
+		int64_t d = now_ns() - t0;
+		if (d < HOLD_SPIN_NS) {
+			__builtin_ia32_pause();
+			continue;
+		}
+		if (d > HOLD_LIMIT_NS || !LOAD(&hdr->sync)) {
+			__atomic_fetch_add(&hdr->give_ups, 1, __ATOMIC_RELAXED);
+			break;
+		}
+		__atomic_store_n(&c->waiting, 1, __ATOMIC_SEQ_CST);
+		uint32_t a = __atomic_load_n(&c->ack, __ATOMIC_SEQ_CST);
+		if (a != want) {
+			struct timespec ts = {0, HOLD_SLICE_NS};
+			if (futex(&c->ack, FUTEX_WAIT, a, &ts) != 0 && errno == ETIMEDOUT && !go_alive()) {
+				/* The Go side is gone: hold nobody any more. */
+				__atomic_store_n(&hdr->sync, 0, __ATOMIC_SEQ_CST);
+			}
+		}
+		__atomic_store_n(&c->waiting, 0, __ATOMIC_RELAXED);
+	}
+	BUMP(&c->held_ns, now_ns() - t0);
+}
+
+/* mark_link marks the frame an entry of value v points to, if it may be a table. */
+static inline void mark_link(uint64_t v)
+{
+	if (!links || !(v & 1) || (v & (1 << 7)))
+		return;
+	uint64_t pfn = (v & 0x000FFFFFFFFFF000ULL) >> 12;
+	if (pfn >= hdr->ver_pages)
+		return;
+	uint64_t bit = 1ULL << (pfn & 63);
+	if (!(LOAD(&links[pfn >> 6]) & bit))
+		__atomic_fetch_or(&links[pfn >> 6], bit, __ATOMIC_RELAXED);
+}
+
+/*
+ * window pushes a window record for a store to the unprotected page at gpa
+ * if the page was marked linked (see "Windows"): kind REC_WINDOW, the
+ * page's change count at the store as ver.
+ */
+static inline void window(unsigned int vcpu, uint64_t gpa, uint64_t store_gpa, unsigned size, uint64_t rip)
+{
+	uint64_t pfn = gpa >> 12;
+	uint64_t bit = 1ULL << (pfn & 63);
+	if (!links || pfn >= hdr->ver_pages || !(LOAD(&links[pfn >> 6]) & bit))
+		return;
+	if (!(__atomic_fetch_and(&links[pfn >> 6], ~bit, __ATOMIC_SEQ_CST) & bit))
+		return;
+	uint32_t count = (uint32_t)(__atomic_load_n(&vers[pfn], __ATOMIC_SEQ_CST) >> VER_COUNT_SHIFT);
+	__atomic_fetch_add(&hdr->windows, 1, __ATOMIC_RELAXED);
+	push(vcpu, gpa & ~4095ULL, store_gpa, size, rip, REC_WINDOW, count, NULL);
 }
 
 static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *userdata)
@@ -361,13 +490,24 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 		uint64_t gpa = qemu_plugin_hwaddr_phys_addr(hw);
 		uint64_t last = gpa + (pend - va) - 1;
 		uint64_t rip = (uint64_t)(uintptr_t)userdata;
-		/* Each entry's record is its own trapped write, with its own stamp. */
+		/*
+		 * Each entry's record is its own trapped write, with its own
+		 * stamp, and its own hold.
+		 */
 		for (uint64_t e = gpa & ~7ULL; e <= last; e += 8) {
 			uint32_t ver = stamp(gpa);
-			if (!ver)
-				break; /* the page is not protected */
+			if (!ver) {
+				/* The page is not protected. */
+				if (e == (gpa & ~7ULL))
+					window(vcpu, gpa, gpa, size, rip);
+				break;
+			}
 			uint32_t end = root_end(e);
-			push(vcpu, e, gpa, size, rip, REC_ENTRY | end << REC_ROOT_END, ver);
+			uint64_t v = 0;
+			uint64_t seq = push(vcpu, e, gpa, size, rip, REC_ENTRY | end << REC_ROOT_END, ver, &v);
+			mark_link(v);
+			if (seq && LOAD(&hdr->sync))
+				hold(vcpu, seq);
 			if (end)
 				break; /* the page is no longer protected */
 		}
@@ -378,8 +518,13 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 		 */
 		uint64_t sig = LOAD(&hdr->pgd_sig);
 		if ((last & 4095) == 4095 && sig != 0 && (last | 7) < ram_bytes &&
-		    LOAD((const uint64_t *)(ram + (last & ~7ULL))) == sig)
-			push(vcpu, last & ~4095ULL, gpa, size, rip, REC_PGD, 0);
+		    LOAD((const uint64_t *)(ram + (last & ~7ULL))) == sig) {
+			/* Held too: the Go side starts the root before any user
+			 * table is linked into it. */
+			uint64_t seq = push(vcpu, last & ~4095ULL, gpa, size, rip, REC_PGD, 0, NULL);
+			if (seq && LOAD(&hdr->sync))
+				hold(vcpu, seq);
+		}
 		va = pend;
 	}
 }
@@ -452,7 +597,8 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
 	if (hdr->magic != CTL_MAGIC || hdr->version != CTL_VERSION || hdr->max_vcpus != MAX_VCPUS ||
 	    slots == 0 || (slots & (slots - 1)) != 0 || hdr->ver_offset != HDR_BYTES ||
 	    hdr->root_offset != HDR_BYTES + ver_bytes ||
-	    hdr->ring_offset != hdr->root_offset + root_bytes ||
+	    (hdr->link_offset != 0 && hdr->link_offset != hdr->root_offset + root_bytes) ||
+	    hdr->ring_offset != hdr->root_offset + (hdr->link_offset ? 2 : 1) * root_bytes ||
 	    ctl_bytes < hdr->ring_offset + slots * sizeof(struct record)) {
 		errno = EINVAL;
 		fail("bad control file", ctl);
@@ -460,6 +606,7 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
 	}
 	vers = (uint64_t *)((char *)c + hdr->ver_offset);
 	roots = (uint64_t *)((char *)c + hdr->root_offset);
+	links = hdr->link_offset ? (uint64_t *)((char *)c + hdr->link_offset) : NULL;
 	ring = (struct record *)((char *)c + hdr->ring_offset);
 	ring_mask = slots - 1;
 	ram = map_file(ramp, PROT_READ, &ram_bytes);
