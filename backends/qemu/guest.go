@@ -407,7 +407,7 @@ func (g *Guest) drain() {
 			}
 			g.watchRoot(r)
 			if g.cfg.Windows {
-				g.pages.linked(r.Val)
+				g.pages.link(r.Val)
 			}
 			ev := shard.Event{GPA: r.GPA, Data: r.Val, Size: 8, Trap: r.TS - g.clockOff, Ver: r.Ver}
 			if g.syncer == nil {

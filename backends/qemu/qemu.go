@@ -59,18 +59,21 @@
 //   - starts the roots of the sampled CR3s whose page holds the reference
 //     kernel half and a present user entry (the processes that existed
 //     before the reference was known: init and the workload's shells);
-//   - publishes entry 511 of the reference to the plugin, which reports
-//     every store completing a page whose last entry then holds that
-//     value: a new PGD, just filled by pgd_alloc. The backend checks the
-//     whole kernel half and starts the root at once, before the kernel
+//   - publishes the reference kernel half to the plugin, which reports
+//     every store into a page's kernel half that leaves it equal to the
+//     reference: a new PGD, just filled by pgd_alloc (forwards or
+//     backwards: Linux's memcpy copies backwards for some alignments, so
+//     entry 511 is not always the last stored). The backend checks the
+//     kernel half again and starts the root at once, before the kernel
 //     links any user table into it, so every address space created after
 //     boot is monitored from birth, however short its life.
 //
 // Roots are 4- or 5-level (from CR0, CR4 and EFER of the sampled vCPUs).
 // A root is stopped when its page stops being a live PGD:
-//   - a write to its kernel half (entries 256-511): Linux never changes the
-//     kernel half of a live PGD on x86-64 6.1 (absent memory hotplug), so the
-//     page was freed and is being reused (zeroed, or re-initialised as a PGD);
+//   - a write to its kernel half (entries 256-511) of a value other than
+//     the reference's: Linux never changes the kernel half of a live PGD on
+//     x86-64 6.1 (absent memory hotplug), so the page was freed and is being
+//     reused (zeroed, or re-initialised as a PGD);
 //   - a write that leaves its user half without a present entry: exit_mmap
 //     clears the user half when the process exits or execs;
 //   - a periodic re-check (every 100 ms) finds its kernel half changed.

@@ -226,9 +226,9 @@ func (g *Guest) isPGD(gpa uint64, mode vasmon.Mode) bool {
 		if first, ok := d.cand[k]; ok && first != gpa {
 			d.ref, d.mode = &k, mode
 			g.ls.ref.Store(true)
-			// From now on the plugin reports new PGDs as the kernel
-			// copies the kernel half in.
-			g.ctl.setPGDSig(k[len(k)-1])
+			// From now on the plugin reports new PGDs once the kernel
+			// has copied the kernel half in.
+			g.ctl.setReference(&k)
 		} else {
 			if len(d.cand) > 64 {
 				clear(d.cand)
@@ -295,8 +295,8 @@ func (g *Guest) sample() {
 // birth starts a root for a new top-level table: its user half is still
 // empty, so every table linked into it is hooked as it is linked.
 //
-// A birth on the page of a live root is the same PGD: Linux's memcpy stores
-// the last entry twice (its loop, then an overlapping tail store), or the
+// A birth on the page of a live root is the same PGD: Linux's memcpy may
+// store an entry twice (its loop, then an overlapping tail store), or the
 // root was started after this birth's record was drained and already covers
 // the page's current content. A birth on the page of a dying root (its
 // death is queued behind) is a new PGD: the old root is stopped first.
@@ -311,13 +311,29 @@ func (g *Guest) birth(gpa uint64) {
 	if d.ref == nil || !g.ram.InRAM(gpa, vasmon.PageSize) {
 		return
 	}
-	if g.kernelHalf(gpa) != *d.ref {
+	if !newKernelHalf(g.kernelHalf(gpa), d.ref) {
 		g.ls.badBirths.Add(1)
 		return
 	}
 	if !g.cfg.NullConsumer {
 		g.startRoot(gpa, d.mode)
 	}
+}
+
+// newKernelHalf reports whether k is the kernel half of a new top-level
+// table: the reference's, or part of it being copied in (entry 511 first,
+// when memcpy copies backwards), the rest still zero (pgd_alloc's page is
+// zeroed).
+func newKernelHalf(k [512 - userEntries]uint64, ref *[512 - userEntries]uint64) bool {
+	if k[len(k)-1] != ref[len(ref)-1] {
+		return false
+	}
+	for i := range k {
+		if k[i] != ref[i] && k[i] != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func (g *Guest) startRoot(gpa uint64, mode vasmon.Mode) {

@@ -65,6 +65,9 @@ type ctlHeader struct {
 	GiveUps           uint64 // offset 240: holds the plugin gave up (no answer in 10 s, or this process gone)
 	WindowRecs        uint64 // offset 248: window records pushed
 	VCPU       [maxVCPUs]vcpuCounters // offset 256
+	// RefKernel (offset 4352) is the reference kernel half (entries
+	// 256-511 of a live PGD), valid once PGDSig is set.
+	RefKernel [512 - userEntries]uint64
 }
 
 // record is one store to a protected page, per 8-byte entry touched.
@@ -112,6 +115,7 @@ var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.Bell)-224]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.LinkOffset)-232]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.WindowRecs)-248]
 var _ = [1]struct{}{}[unsafe.Offsetof(vcpuCounters{}.Ack)-48]
+var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.RefKernel)-4352]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.VerOffset)-48]
 var _ = [1]struct{}{}[unsafe.Offsetof(ctlHeader{}.RingOffset)-56]
 var _ = [1]struct{}{}[unsafe.Offsetof(record{}.Kind)-56]
@@ -277,8 +281,15 @@ func futexWake(addr *uint32) {
 	_, _, _ = unix.Syscall6(unix.SYS_FUTEX, uintptr(unsafe.Pointer(addr)), futexWakeOp, math.MaxInt32, 0, 0, 0)
 }
 
-// setPGDSig publishes the value that marks a new top-level table.
-func (c *control) setPGDSig(v uint64) { atomic.StoreUint64(&c.hdr.PGDSig, v) }
+// setReference publishes the reference kernel half, by which the plugin
+// finds new top-level tables (and tells a root page's reuse from a
+// rewrite of its kernel half with the same values).
+func (c *control) setReference(k *[512 - userEntries]uint64) {
+	for i, v := range k {
+		atomic.StoreUint64(&c.hdr.RefKernel[i], v)
+	}
+	atomic.StoreUint64(&c.hdr.PGDSig, k[len(k)-1])
+}
 
 // consume calls f for each complete record in order, at most max of them,
 // releases their slots and returns how many it consumed. It stops at the

@@ -59,7 +59,8 @@ type pages struct {
 	vers    *guestmem.Versions
 	sync    bool
 	shadow  map[uint64]*shadowPage // by page GPA (sync)
-	pending map[uint64]int         // window records of unprotected pages, by page GPA
+	linked  []uint64               // bitmap by page: an entry record linked it since it was last protected (windows)
+	pending map[uint64]int         // window records of linked, unprotected pages, by page GPA
 	windows atomic.Uint64          // window records of pages protected later
 }
 
@@ -75,6 +76,7 @@ func newPages(m *ram, v *guestmem.Versions, sync, windows bool) *pages {
 	}
 	if windows {
 		p.pending = make(map[uint64]int)
+		p.linked = make([]uint64, (v.Pages()+63)/64)
 	}
 	return p
 }
@@ -94,6 +96,7 @@ func (p *pages) protect(gpa uint64, on bool) {
 			p.windows.Add(uint64(n))
 			delete(p.pending, gpa)
 		}
+		p.setLinked(gpa, false)
 	}
 	if p.shadow == nil {
 		return
@@ -146,28 +149,50 @@ func (p *pages) set(gpa, v uint64) {
 	p.mu.Unlock()
 }
 
-// linked notes that an entry record holds v: a new link of the page it
-// points to ends the page's earlier window records (they were stores into
-// it as something else).
-func (p *pages) linked(v uint64) {
-	if v&vasmon.BitP == 0 || v&vasmon.BitPS != 0 {
+// link notes that an entry record holds v: the page it points to is
+// linked, and its earlier window records were stores into it as something
+// else.
+func (p *pages) link(v uint64) {
+	page := v & 0x000FFFFFFFFFF000
+	if v&vasmon.BitP == 0 || v&vasmon.BitPS != 0 || page/vasmon.PageSize >= uint64(len(p.linked))*64 {
 		return
 	}
-	page := v & 0x000FFFFFFFFFF000
 	p.mu.Lock()
 	delete(p.pending, page)
+	p.setLinked(page, true)
 	p.mu.Unlock()
+}
+
+func (p *pages) setLinked(page uint64, on bool) {
+	pfn := page / vasmon.PageSize
+	if pfn >= uint64(len(p.linked))*64 {
+		return
+	}
+	if on {
+		p.linked[pfn/64] |= 1 << (pfn % 64)
+	} else {
+		p.linked[pfn/64] &^= 1 << (pfn % 64)
+	}
 }
 
 // window counts the window record r: at once if its page has been
 // protected since the store (its change count moved on, the page
-// protected), else when the page is protected.
+// protected), else when the page is protected. Only a page linked by an
+// entry record since it was last protected counts: a table hooked by a
+// root's Start, or through a table filled before its link, was linked
+// where the plugin saw no record (a store into it then is no window of a
+// link the engine was told of).
 func (p *pages) window(r *record) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	pfn := r.GPA / vasmon.PageSize
+	if pfn >= uint64(len(p.linked))*64 || p.linked[pfn/64]&(1<<(pfn%64)) == 0 {
+		return
+	}
 	w := p.vers.Load(r.GPA)
 	if w&guestmem.VerProtected != 0 && guestmem.After(guestmem.Count(w), r.Ver) {
 		p.windows.Add(1)
+		p.setLinked(r.GPA, false)
 		return
 	}
 	p.pending[r.GPA]++

@@ -58,9 +58,13 @@
  * marked too, and its stores are no windows).
  *
  * It also reports stores that complete a page whose last 8 bytes then equal
- * a value the Go side publishes (entry 511 of the guest's reference
- * top-level table): how a Linux guest's new address spaces are found at
- * birth. That is a comparison of bytes.
+ * a value the Go side publishes (pgd_sig: entry 511 of the guest's
+ * reference top-level table): how a Linux guest's new address spaces are
+ * found at birth. That is a comparison of bytes. pgd_alloc copies the
+ * kernel half forwards or (Linux's memcpy, for some alignments) backwards,
+ * entry 511 first: the root may be started while the copy goes on, so a
+ * store to a root page's kernel half of the reference's value there
+ * (ref_kernel) does not end the root.
  *
  * Arguments: ctl=PATH (the control file: header, version words, root bitmap,
  * ring; layout in backends/qemu/shm.go, which must agree with the constants
@@ -191,6 +195,7 @@ struct ctl_header {
 	uint64_t give_ups;    /* offset 240: holds given up (the Go side too slow or gone) */
 	uint64_t windows;     /* offset 248: window records pushed */
 	struct vcpu_counters vcpu[MAX_VCPUS]; /* offset 256 */
+	uint64_t ref_kernel[256]; /* offset 4352: the reference kernel half (entries 256-511), valid once pgd_sig is set */
 };
 
 struct record {
@@ -225,6 +230,7 @@ _Static_assert(__builtin_offsetof(struct ctl_header, link_offset) == 232, "heade
 _Static_assert(__builtin_offsetof(struct ctl_header, windows) == 248, "header layout");
 _Static_assert(__builtin_offsetof(struct vcpu_counters, ack) == 48, "counters layout");
 _Static_assert(sizeof(struct vcpu_counters) == 64, "counters layout");
+_Static_assert(__builtin_offsetof(struct ctl_header, ref_kernel) == 4352, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, ver_offset) == 48, "header layout");
 _Static_assert(__builtin_offsetof(struct ctl_header, ring_offset) == 56, "header layout");
 _Static_assert(__builtin_offsetof(struct record, kind) == 56, "record layout");
@@ -308,7 +314,12 @@ static uint32_t root_end(uint64_t gpa)
 	if (!(LOAD(&roots[pfn >> 6]) & bit) || page + 4096 > ram_bytes)
 		return 0;
 	uint32_t why = ROOT_END_KERNEL;
-	if ((gpa & 4095) < USER_HALF_BYTES) {
+	if ((gpa & 4095) >= USER_HALF_BYTES) {
+		/* The reference's value written again is no reuse. */
+		if (LOAD(&hdr->pgd_sig) != 0 &&
+		    LOAD((const uint64_t *)(ram + gpa)) == LOAD(&hdr->ref_kernel[((gpa & 4095) - USER_HALF_BYTES) / 8]))
+			return 0;
+	} else {
 		if (present(gpa))
 			return 0;
 		for (uint64_t e = page; e < page + USER_HALF_BYTES; e += 8)
@@ -513,8 +524,9 @@ static void mem_cb(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
 		}
 		/*
 		 * A store that completes the last entry of a page with the
-		 * reference PGD's entry 511: the kernel has just copied the
-		 * kernel half into a new top-level table (pgd_alloc).
+		 * reference PGD's entry 511: the kernel is copying the kernel
+		 * half into a new top-level table (pgd_alloc), and has done so
+		 * or, copying backwards, has just begun.
 		 */
 		uint64_t sig = LOAD(&hdr->pgd_sig);
 		if ((last & 4095) == 4095 && sig != 0 && (last | 7) < ram_bytes &&
