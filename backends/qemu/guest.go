@@ -52,7 +52,7 @@ type Guest struct {
 	pages    *pages        // the protected pages as the backend knows them (nil with NoPlugin)
 	syncer   Syncer        // with Config.Sync: the drainer's synchronous submitter
 	one      [1]shard.Event
-	det      *detector // the reference kernel half: lifeMu
+	det      *detector  // the reference kernel half: lifeMu
 	lifeMu   sync.Mutex // held by whoever starts or stops roots (see lifecycle)
 	qmp      *qmp
 	cmd      *exec.Cmd

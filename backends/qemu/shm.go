@@ -61,10 +61,10 @@ type ctlHeader struct {
 	// Bell (offset 224) counts held records pushed: the drainer sleeps on
 	// it (futex) while BellWaiting.
 	Bell, BellWaiting uint32
-	LinkOffset        uint64 // offset 232: byte offset of the bitmap of linked pages; 0: no window records
-	GiveUps           uint64 // offset 240: holds the plugin gave up (no answer in 10 s, or this process gone)
-	WindowRecs        uint64 // offset 248: window records pushed
-	VCPU       [maxVCPUs]vcpuCounters // offset 256
+	LinkOffset        uint64                 // offset 232: byte offset of the bitmap of linked pages; 0: no window records
+	GiveUps           uint64                 // offset 240: holds the plugin gave up (no answer in 10 s, or this process gone)
+	WindowRecs        uint64                 // offset 248: window records pushed
+	VCPU              [maxVCPUs]vcpuCounters // offset 256
 	// RefKernel (offset 4352) is the reference kernel half (entries
 	// 256-511 of a live PGD), valid once PGDSig is set.
 	RefKernel [512 - userEntries]uint64
