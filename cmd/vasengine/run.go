@@ -123,6 +123,7 @@ type runFlags struct {
 	duration time.Duration
 	out      string
 	force    bool
+	sync     bool
 	sim      simFlags
 	kvm      kvmFlags
 	qemu     qemuFlags
@@ -146,7 +147,9 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	f.sim.register(fs)
 	f.kvm.sim = &f.sim
 	f.kvm.register(fs)
+	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: each trapped write's vCPU waits until the engine is done with the write (-backend qemu)")
 	f.qemu.register(fs)
+	f.qemu.sync = &f.sync
 	f.replay.register(fs)
 	if err := parse(fs, args, stdout); err != nil {
 		return err
@@ -159,6 +162,9 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	}
 	if record && f.out == "" {
 		return usagef("record: -o FILE is required")
+	}
+	if f.sync && (f.backend != "qemu" || record) {
+		return usagef("-sync: only for run -backend qemu")
 	}
 	cfg, err := f.engineFlags.config()
 	if err != nil {
