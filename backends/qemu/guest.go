@@ -67,6 +67,7 @@ type Guest struct {
 	consoleMu           sync.Mutex
 	consoleTail         []string
 	paused              atomic.Bool
+	muted               atomic.Bool   // the drainer consumes nothing (tests: a Go side that stopped answering)
 	drained             atomic.Uint64 // records consumed and submitted
 	tableStores, narrow atomic.Uint64 // stores to protected pages (per page touched); of which narrower than 8 bytes
 	submitted, rejected atomic.Uint64
@@ -377,6 +378,14 @@ func (g *Guest) drain() {
 	evs := make([]shard.Event, 0, drainBatch)
 	idle := int64(0) // when the ring was found empty (sync), 0: it was not
 	for {
+		if g.muted.Load() {
+			select {
+			case <-g.quitDrain:
+				return
+			case <-time.After(drainPoll):
+			}
+			continue
+		}
 		evs = evs[:0]
 		n := g.ctl.consume(drainBatch, func(r *record) {
 			switch r.Kind & recKind {

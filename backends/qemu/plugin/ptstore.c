@@ -21,7 +21,8 @@
  * the record carries the count after the first of the two (what BeginWrite
  * would have returned; never 0). A reader of the page that loads a word
  * whose count is at least a record's stamp has the record's store in what
- * it reads. No write is ever left in progress (bits 1-15 stay 0).
+ * it reads. The plugin leaves no write in progress (bits 1-15); the Go side
+ * sets one while it reverts a denied store (see "Holds").
  *
  * Roots. The Go side marks the top-level table pages of the address spaces
  * it monitors in a bitmap of root pages. A store to a protected root page
@@ -40,7 +41,9 @@
  * PGD record) does not go on until the Go side answers: it stores the
  * record's seq into the vCPU's ack word once the engine has done the
  * write's closure (and, if a callback denied the write, after it put the
- * entry's old bytes back in guest RAM). The vCPU rings the Go side's bell
+ * entry's old bytes back in guest RAM, as a trapped write of its own:
+ * BeginWrite, the store, EndWrite on the page's version word). The vCPU
+ * rings the Go side's bell
  * (a futex word) after the push, polls its ack word for HOLD_SPIN_NS, then
  * sleeps on it (futex) in slices of HOLD_SLICE_NS, checking between slices
  * that the Go process is alive (go_pid): a dead Go side turns sync off for
