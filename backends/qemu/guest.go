@@ -54,6 +54,7 @@ type Guest struct {
 	one      [1]shard.Event
 	det      *detector  // the reference kernel half: lifeMu
 	lifeMu   sync.Mutex // held by whoever starts or stops roots (see lifecycle)
+	pauseMu  sync.Mutex // held by whoever stops or lets run the vCPUs (QMP stop, cont)
 	qmp      *qmp
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -510,8 +511,11 @@ func (g *Guest) submitSync(r *record, ev shard.Event) {
 // has seen every page-table write of the guest. Root discovery is suspended
 // until Resume.
 func (g *Guest) Pause(ctx context.Context) error {
+	g.pauseMu.Lock()
 	g.paused.Store(true)
-	if _, err := g.qmp.do("stop", nil); err != nil {
+	_, err := g.qmp.do("stop", nil)
+	g.pauseMu.Unlock()
+	if err != nil {
 		return err
 	}
 	return g.settle(ctx)
@@ -552,6 +556,8 @@ func (g *Guest) settle(ctx context.Context) error {
 
 // Resume lets a paused guest run on (QMP cont).
 func (g *Guest) Resume() error {
+	g.pauseMu.Lock()
+	defer g.pauseMu.Unlock()
 	_, err := g.qmp.do("cont", nil)
 	g.paused.Store(false)
 	return err
@@ -573,8 +579,11 @@ func (g *Guest) Close(ctx context.Context) error {
 		select {
 		case <-g.exited:
 		default:
+			g.pauseMu.Lock()
 			g.paused.Store(true)
-			if _, err := g.qmp.do("stop", nil); err != nil {
+			_, err := g.qmp.do("stop", nil)
+			g.pauseMu.Unlock()
+			if err != nil {
 				select {
 				case <-g.exited: // it was powering off
 				default:

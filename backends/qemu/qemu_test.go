@@ -462,7 +462,7 @@ func waitWorkload(ctx context.Context, t *testing.T, g *qemu.Guest, console fmt.
 // held), and the oracle must hold with both callbacks applied.
 func TestLinuxSync(t *testing.T) {
 	needQEMU(t)
-	const syncWindowsMax = 4
+	const syncWindowsMax = 8
 	const denyMax = 8
 	type key struct {
 		info *backends.RootInfo
@@ -541,9 +541,10 @@ func TestLinuxSync(t *testing.T) {
 	}
 	// Asynchronous delivery has some 200 windows in such a run
 	// (TestLinuxForkOracle). Synchronous delivery should have none; runs
-	// have 0 to 2, of unknown cause (a store into a table after a record
-	// that links it, while the engine protected the table only later: see
-	// the branch's report), so the bound is not 0 yet.
+	// count 0 to 3, not all of them windows: the count is a heuristic (the
+	// plugin marks every page a present entry points to, leaves' data
+	// pages too; one counted was a page mapped as data, zeroed, then hooked
+	// as a table with no record linking it), so the bound is not 0 yet.
 	if synced.Windows > syncWindowsMax {
 		t.Errorf("%d stores reached a table between its link and its hook with synchronous delivery (at most %d expected)", synced.Windows, syncWindowsMax)
 	}

@@ -270,8 +270,24 @@ func (g *Guest) sample() {
 		d.failed.Store(true)
 		return
 	}
+	type cand struct {
+		gpa  uint64
+		mode vasmon.Mode
+	}
+	var later []cand
 	g.lifeMu.Lock()
-	defer g.lifeMu.Unlock()
+	defer func() {
+		g.lifeMu.Unlock()
+		if len(later) > 0 {
+			g.startStopped(func() {
+				for _, c := range later {
+					if _, known := g.roots.Load(c.gpa); !known && g.isPGD(c.gpa, c.mode) {
+						g.startRoot(c.gpa, c.mode)
+					}
+				}
+			})
+		}
+	}()
 	for _, r := range regs {
 		mode, ok := modeOf(r)
 		if !ok {
@@ -286,10 +302,36 @@ func (g *Guest) sample() {
 			g.ls.notPGD.Add(1)
 			continue
 		}
-		if !g.cfg.NullConsumer {
+		switch {
+		case g.cfg.NullConsumer:
+		case g.syncer != nil:
+			later = append(later, cand{gpa, mode})
+		default:
 			g.startRoot(gpa, mode)
 		}
 	}
+}
+
+// startStopped runs start (which starts roots) under lifeMu with the
+// guest's vCPUs stopped, unless the guest is paused (then not at all: the
+// next sample finds the roots again). With Config.Sync, a root found by
+// sampling is started so, as at a synchronous write: Start reads and hooks
+// the tables while no vCPU can store into them unseen.
+func (g *Guest) startStopped(start func()) {
+	g.pauseMu.Lock()
+	defer g.pauseMu.Unlock()
+	if g.paused.Load() {
+		return
+	}
+	if _, err := g.qmp.do("stop", nil); err != nil {
+		return
+	}
+	g.lifeMu.Lock()
+	g.pages.setStarting(true)
+	start()
+	g.pages.setStarting(false)
+	g.lifeMu.Unlock()
+	_, _ = g.qmp.do("cont", nil)
 }
 
 // birth starts a root for a new top-level table: its user half is still

@@ -62,6 +62,12 @@ type pages struct {
 	linked  []uint64               // bitmap by page: an entry record linked it since it was last protected (windows)
 	pending map[uint64]int         // window records of linked, unprotected pages, by page GPA
 	windows atomic.Uint64          // window records of pages protected later
+	// starting is set while a root found by sampling is started with the
+	// vCPUs stopped (startStopped): the pages it protects were linked
+	// where the plugin saw no record, and stores into them before are no
+	// windows (a page mapped as data by an earlier record is marked linked
+	// too).
+	starting bool
 }
 
 type shadowPage struct {
@@ -93,7 +99,9 @@ func (p *pages) protect(gpa uint64, on bool) {
 	p.vers.SetProtected(gpa, on)
 	if p.pending != nil && on {
 		if n := p.pending[gpa]; n > 0 {
-			p.windows.Add(uint64(n))
+			if !p.starting {
+				p.windows.Add(uint64(n))
+			}
 			delete(p.pending, gpa)
 		}
 		p.setLinked(gpa, false)
@@ -123,6 +131,13 @@ func (p *pages) protect(gpa uint64, on bool) {
 			return
 		}
 	}
+}
+
+// setStarting sets or clears starting.
+func (p *pages) setStarting(on bool) {
+	p.mu.Lock()
+	p.starting = on
+	p.mu.Unlock()
 }
 
 // apply returns the value before the store of the entry record r and
