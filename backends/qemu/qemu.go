@@ -99,7 +99,10 @@
 // Go process is found gone (the plugin then turns holds off), so a dead
 // backend never hangs QEMU; Counters.GiveUps counts such holds (0 in a
 // healthy run). The vCPU that completes a new PGD is held too, until its
-// root is started, so that no table linked into it goes unhooked.
+// root is started, so that no table linked into it goes unhooked; a root
+// found by sampling a CR3 instead is started with the vCPUs stopped (QMP
+// stop, cont), so that its Start reads and hooks the tables while no store
+// can go unseen.
 //
 // If a callback denies the store (RootOptions.Verdict), the backend puts
 // the entry's old value back in guest RAM before it answers, as a trapped
