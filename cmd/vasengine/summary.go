@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -140,6 +141,7 @@ type summary struct {
 	Latency      sumLatency `json:"latency_ns"`
 	Tables       sumTables  `json:"tables"`
 	Guest        sumGuest   `json:"guest_memory"`
+	Workers      sumWorkers `json:"workers"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -159,6 +161,17 @@ type sumConfig struct {
 	BudgetNs    int64  `json:"budget_ns"`
 	NonBlocking bool   `json:"nonblocking"`
 	DurationNs  int64  `json:"duration_ns"`
+}
+
+// sumWorkers: where the shard workers ran and what sharing cost them.
+type sumWorkers struct {
+	// CPUs: per shard, the host CPU its worker is pinned to, -1 unpinned.
+	CPUs []int `json:"cpus"`
+	// Steals: shard steps run by another thread than the shard's worker
+	// (an idle peer, a synchronous submitter, a producer finding it full).
+	Steals uint64 `json:"steals"`
+	// SpinNs: time the workers spent polling idle queues.
+	SpinNs int64 `json:"spin_ns"`
 }
 
 type sumEnded struct {
@@ -335,6 +348,10 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 		peakTabs, peakBytes = st.Tables, st.HostBytes
 	}
 	sum.Tables = sumTables{Peak: peakTabs, PeakHostBytes: peakBytes, Hooks: st.Hooks, Unhooks: st.Unhooks}
+	sum.Workers = sumWorkers{CPUs: []int{}, Steals: st.Steals, SpinNs: int64(st.Spin)}
+	for _, sh := range e.Shards() {
+		sum.Workers.CPUs = append(sum.Workers.CPUs, sh.CPU())
+	}
 	sum.Guest = sumGuest{StaleWrites: st.StaleWrites, StaleReads: st.StaleReads, Resyncs: st.Resyncs, ExpiredPartial: st.Expired}
 	if peakTabs > 0 {
 		sum.Tables.BytesPerTable = peakBytes / peakTabs
@@ -438,6 +455,10 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		fmt.Fprintf(ew, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
 			t.Peak, bytesStr(t.PeakHostBytes), t.BytesPerTable, t.Hooks, t.Unhooks,
 			float64(t.Hooks+t.Unhooks)/float64(max(1, ev.Processed)), sum.Config.Shards, sum.Panics)
+		if w := sum.Workers; len(w.CPUs) > 0 {
+			fmt.Fprintf(ew, "workers: %s; %d steps run by other threads (idle peers, synchronous submitters), %v polling idle queues\n",
+				pinStr(w.CPUs), w.Steals, time.Duration(w.SpinNs).Round(time.Microsecond))
+		}
 		if g := sum.Guest; g != (sumGuest{}) {
 			fmt.Fprintf(ew, "guest memory ahead of the queues: %d writes dropped (a later read of their page held them), %d tables no longer linked when read (not reported), %d pages read again (a value no longer in memory), %d partial writes ended by their timeout\n",
 				g.StaleWrites, g.StaleReads, g.Resyncs, g.ExpiredPartial)
@@ -507,4 +528,21 @@ func pct(a, b uint64) float64 {
 		return 0
 	}
 	return 100 * float64(a) / float64(b)
+}
+
+// pinStr says where the shard workers run: "2 unpinned" or "pinned to CPUs 0,1".
+func pinStr(cpus []int) string {
+	var pinned []string
+	for _, c := range cpus {
+		if c >= 0 {
+			pinned = append(pinned, strconv.Itoa(c))
+		}
+	}
+	switch {
+	case len(pinned) == 0:
+		return fmt.Sprintf("%d unpinned (the scheduler places them)", len(cpus))
+	case len(pinned) == len(cpus):
+		return "pinned to CPUs " + strings.Join(pinned, ",")
+	}
+	return fmt.Sprintf("%d pinned (CPUs %s), %d unpinned", len(pinned), strings.Join(pinned, ","), len(cpus)-len(pinned))
 }
