@@ -114,14 +114,5 @@ if [ ! -s "$out/initrd.gz" ] || [ "$init" -nt "$out/initrd.gz" ] || [ "$out/busy
 	rm -rf "$st"
 fi
 
-# The plugin must be built from this tree's source (its control file layout
-# is the Go side's): rebuild when the source differs from the one the cached
-# plugin was built from (worktrees of other versions share the folder), not
-# only when it is newer.
-src=$(cat "$root/backends/qemu/plugin/ptstore.c" "$root/backends/qemu/plugin/Makefile" | cksum)
-if [ "$(cat "$out/ptstore.so.src" 2>/dev/null)" != "$src" ]; then
-	rm -f "$out/ptstore.so"
-fi
 make -s -C "$root/backends/qemu/plugin" OUT="$out"
-echo "$src" >"$out/ptstore.so.src"
 log "ready: $(cat "$out/kernel.version" 2>/dev/null || echo kernel), $out/initrd.gz, $out/ptstore.so"
