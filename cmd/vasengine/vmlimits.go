@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/plan"
 	"github.com/vasengine/vasengine/vasmon"
 	"github.com/vasengine/vasengine/vmlimit"
 )
@@ -269,4 +270,20 @@ func parseFlood(s string) (vasmon.FloodPolicy, error) {
 		return vasmon.FloodPolicy{}, usagef("-flood %q: want WRITES/WINDOW (e.g. 20000/10ms: a positive count and duration) or off", s)
 	}
 	return vasmon.FloodPolicy{Writes: n, Window: int64(d)}, nil
+}
+
+// planLimits are the limits plan takes (-vm-max-rate, -vm-max-burst,
+// -vm-share: how many VMs fit when each is held to them).
+func (f *vmLimitFlags) planLimits() (plan.Limits, error) {
+	if err := f.check(1); err != nil {
+		return plan.Limits{}, err
+	}
+	l := plan.Limits{MaxRate: f.maxRate, Share: f.share}
+	if f.maxRate > 0 {
+		l.MaxBurst = float64(f.burst)
+		if f.burst == 0 {
+			l.MaxBurst = float64(vmlimit.DefaultBurst(f.maxRate))
+		}
+	}
+	return l, nil
 }

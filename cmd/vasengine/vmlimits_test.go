@@ -201,3 +201,27 @@ func TestLimitsText(t *testing.T) {
 		t.Errorf("no limits, nothing throttled or flooded: printed %q", b.String())
 	}
 }
+
+// TestPlanVMLimits: plan takes the per-VM limits: VMs planned at their
+// rate limit, and the queue share fair ingest must give each.
+func TestPlanVMLimits(t *testing.T) {
+	report := writeFile(t, "bench.txt", benchTxt)
+	// 615.2k events/s within the budget (TestPlanFromReport): at the
+	// limit of 5000/s, 123 VMs; a share of 1024 events of a 16384-event
+	// queue admits 16384/2048 = 8.
+	out := checkPlan(t, []string{"-from-report", report, "-quick", "-vm-rate", "1000", "-headroom", "0", "-mem", "1GiB", "-shards", "2",
+		"-vm-max-rate", "5000", "-vm-share", "1024"},
+		"every VM is planned at its limit", "queue share", "plan: 8 VMs")
+	if !strings.Contains(out, "bound by queue share") || !strings.Contains(out, "123 ") {
+		t.Errorf("want cpu at 123 VMs and the queue share binding:\n%s", out)
+	}
+	for _, args := range [][]string{
+		{"plan", "-vm-max-rate", "-1"},
+		{"plan", "-vm-max-rate", "NaN"},
+		{"plan", "-vm-share", "-1"},
+		{"plan", "-vm-max-burst", "10"},
+	} {
+		code, _, stderr := runMain(args...)
+		usageFailure(t, args, code, stderr)
+	}
+}
