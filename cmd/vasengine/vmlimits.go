@@ -130,6 +130,9 @@ func (s *session) applyLimits() error {
 	if s.flags == nil {
 		return nil
 	}
+	if sb, ok := s.b.(*simBackend); ok {
+		sb.limit = s.flags.limits.maxRate
+	}
 	return s.flags.limits.apply(&s.cfg, backendVMs(s.b), s.flags.limits.queueSet)
 }
 
