@@ -99,7 +99,7 @@ type simBackend struct {
 	cfg   sim.Config
 	limit float64 // -vm-max-rate (0: none): the rate offered is at most that
 	mu    sync.Mutex
-	s   *sim.Sim
+	s     *sim.Sim
 }
 
 func (b *simBackend) describe() string {
