@@ -64,7 +64,9 @@ var (
 // per-VM histograms, power-of-two buckets, interpolated geometrically
 // within the bucket: an estimate, exact to the bucket), the share of the
 // victims' vCPU time spent inside Submit (blocked-%: the time in Submit over
-// vCPUs x time), events rejected (summed over rounds), events/s achieved;
+// vCPUs x time, the limit's waits included), events rejected by the engine
+// and, with -noisy.limit, held or refused by the limit (summed over
+// rounds), events/s submitted;
 // the with/without p99 ratio (median over rounds, min and max); the
 // flooder's events/s, rejected events and flooded pages at the end.
 // b.N is ignored: run it with -benchtime 1x, e.g.
@@ -120,7 +122,8 @@ func splitComma(s string) []string {
 type noisyHalf struct {
 	p50, p99, p999 float64 // victims, ns
 	blocked        float64 // victims' share of vCPU time in Submit
-	rejected       uint64  // victims' events rejected
+	rejected       uint64  // victims' events rejected by the engine
+	throttled      uint64  // victims' events held or refused by -noisy.limit
 	victimRate     float64 // victims' events/s submitted (all of them)
 	flooderRate    float64 // flooder's events/s submitted
 	flooderRej     uint64
@@ -167,11 +170,15 @@ func noisyCase(b *testing.B, cfg engine.Config, flooder string) {
 		b.ReportMetric(med(x.hs, func(h noisyHalf) float64 { return h.p999 }), "p999-"+x.name+"-ns")
 		b.ReportMetric(100*med(x.hs, func(h noisyHalf) float64 { return h.blocked }), "blocked-"+x.name+"-%")
 		b.ReportMetric(med(x.hs, func(h noisyHalf) float64 { return h.victimRate }), "victims-"+x.name+"-events/s")
-		var rej uint64
+		var rej, thr uint64
 		for _, h := range x.hs {
 			rej += h.rejected
+			thr += h.throttled
 		}
 		b.ReportMetric(float64(rej), "victim-rejected-"+x.name)
+		if *noisyLimit > 0 {
+			b.ReportMetric(float64(thr), "victim-throttled-"+x.name)
+		}
 	}
 	b.ReportMetric(median(ratios), "p99-ratio")
 	b.ReportMetric(slices.Min(ratios), "p99-ratio-min")
@@ -255,8 +262,9 @@ func runNoisyHalf(cfg engine.Config, flooder string, withFlooder bool, d time.Du
 	defer e.Close()
 	nv, vcpus := *noisyVictims, *noisyVCPUs
 	var inner engine.Host = e
+	var lim *vmlimit.Host
 	if *noisyLimit > 0 {
-		lim, err := vmlimit.New(e, vmlimit.Config{Rate: *noisyLimit, NonBlocking: cfg.NonBlocking})
+		lim, err = vmlimit.New(e, vmlimit.Config{Rate: *noisyLimit, NonBlocking: cfg.NonBlocking})
 		if err != nil {
 			return res, err
 		}
@@ -321,9 +329,21 @@ func runNoisyHalf(cfg engine.Config, flooder string, withFlooder bool, d time.Du
 		}
 	}
 	time.Sleep(100 * time.Millisecond) // warm-up
-	a, ba, ta := e.Stats(), host.total(), time.Now()
+	victimThrottled := func() uint64 {
+		var n uint64
+		if lim != nil {
+			for _, v := range lim.Stats() {
+				if int(v.VM) <= nv {
+					n += v.Throttled()
+				}
+			}
+		}
+		return n
+	}
+	a, ba, ta, tha := e.Stats(), host.total(), time.Now(), victimThrottled()
 	time.Sleep(d)
-	z, bz, tz := e.Stats(), host.total(), time.Now()
+	z, bz, tz, thz := e.Stats(), host.total(), time.Now(), victimThrottled()
+	res.throttled = thz - tha
 	if stopFlood != nil {
 		if err := stopFlood(); err != nil {
 			return res, err

@@ -43,7 +43,7 @@ const maxVMShare = 1 << 23
 
 func (f *vmLimitFlags) register(fs *flag.FlagSet) {
 	fs.Float64Var(&f.maxRate, "vm-max-rate", 0, "events/s each VM may submit; a VM over it is throttled: held (or, with -nonblocking, its excess refused) and counted (0: no limit)")
-	fs.IntVar(&f.burst, "vm-max-burst", 0, "events a VM may submit at once above -vm-max-rate (default: 10 ms of the rate, at least 256)")
+	fs.IntVar(&f.burst, "vm-max-burst", 0, "events a VM may submit at once above -vm-max-rate (default: 100 ms of the rate, at least 256)")
 	fs.IntVar(&f.share, "vm-share", 0, "events of each shard queue every VM is guaranteed before another VM's flood holds it back; raises -queue-depth to 2 x VMs x N (0: the engine's share of -queue-depth)")
 	fs.StringVar(&f.flood, "flood", "", "write-flood policy: a level-1 page-table page written more than WRITES times within WINDOW is read now and then instead of trapped; WRITES/WINDOW (e.g. 20000/10ms, the default) or off")
 	if q := fs.Lookup("queue-depth"); q != nil {
