@@ -11,6 +11,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/vasengine/vasengine/engine"
 	"github.com/vasengine/vasengine/plan"
 	"github.com/vasengine/vasengine/vasmon"
@@ -149,7 +151,11 @@ func (s *session) limitHost(ctx context.Context, host engine.Host) engine.Host {
 	}
 	s.mu.Lock()
 	s.lim = lim
+	e := s.e
 	s.mu.Unlock()
+	if e != nil {
+		s.reg.MustRegister(&limitCollector{e: e, lim: lim})
+	}
 	return lim
 }
 
@@ -289,4 +295,60 @@ func (f *vmLimitFlags) planLimits() (plan.Limits, error) {
 		}
 	}
 	return l, nil
+}
+
+// limitCollector exports the per-VM rate limit's counts, with the engine's
+// label cap: a VM whose counter slot is among the engine's first
+// Config.MaxVMLabels has its own vm label, the others (and VMs no longer
+// registered) are summed as vm="other".
+type limitCollector struct {
+	e   *engine.Engine
+	lim *vmlimit.Host
+}
+
+var (
+	dVMThrottled = prometheus.NewDesc("vasengine_vm_throttled_events_total",
+		"Events of a VM held or refused by its events/s limit (-vm-max-rate).", []string{"vm"}, nil)
+	dVMThrottleWait = prometheus.NewDesc("vasengine_vm_throttle_wait_seconds_total",
+		"Time a VM's submitters were held by its events/s limit (-vm-max-rate).", []string{"vm"}, nil)
+)
+
+func (c *limitCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- dVMThrottled
+	ch <- dVMThrottleWait
+}
+
+func (c *limitCollector) Collect(ch chan<- prometheus.Metric) {
+	labels := c.e.Config().MaxVMLabels
+	own := map[vasmon.VMID]bool{}
+	for _, v := range c.e.Stats().PerVM {
+		if v.Slot < labels && !v.Removed {
+			own[v.ID] = true
+		}
+	}
+	type acc struct {
+		n    uint64
+		wait time.Duration
+	}
+	by := map[string]*acc{}
+	var order []string
+	for _, v := range c.lim.Stats() {
+		id := "other"
+		if own[v.VM] {
+			id = strconv.FormatUint(uint64(v.VM), 10)
+		}
+		a := by[id]
+		if a == nil {
+			a = &acc{}
+			by[id] = a
+			order = append(order, id)
+		}
+		a.n += v.Throttled()
+		a.wait += v.Wait
+	}
+	for _, id := range order {
+		a := by[id]
+		ch <- prometheus.MustNewConstMetric(dVMThrottled, prometheus.CounterValue, float64(a.n), id)
+		ch <- prometheus.MustNewConstMetric(dVMThrottleWait, prometheus.CounterValue, a.wait.Seconds(), id)
+	}
 }

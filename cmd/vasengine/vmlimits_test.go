@@ -10,10 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/sim"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/vasmon"
+	"github.com/vasengine/vasengine/vasmon/vasmontest"
+	"github.com/vasengine/vasengine/vmlimit"
 )
 
 // TestVMLimitUsage: bad per-VM limits are usage errors, found before
@@ -223,5 +228,52 @@ func TestPlanVMLimits(t *testing.T) {
 	} {
 		code, _, stderr := runMain(args...)
 		usageFailure(t, args, code, stderr)
+	}
+}
+
+// TestLimitMetrics: the limit's counts are exported per VM with the
+// engine's label cap (VM 2, past it, is summed as vm="other").
+func TestLimitMetrics(t *testing.T) {
+	e, err := engine.New(engine.Config{Shards: 1, MaxVMLabels: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for id := vasmon.VMID(1); id <= 2; id++ {
+		g := vasmontest.NewGuest(vasmon.Mode4, 1<<24, 1<<20)
+		if err := e.AddVM(id, g.Memory(), g.NewProtections(), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lim, err := vmlimit.New(e, vmlimit.Config{Rate: 1, Burst: 10, NonBlocking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := make([]shard.Event, 15)
+	for i := range evs {
+		evs[i] = shard.Event{GPA: 0x5000 + uint64(8*i), Size: 8, Data: 1}
+	}
+	for id := vasmon.VMID(1); id <= 2; id++ {
+		if k, err := lim.Submit(id, evs); k != 10 || !vmlimit.IsThrottled(err) {
+			t.Fatalf("VM %d: Submit = %d, %v", id, k, err)
+		}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&limitCollector{e: e, lim: lim})
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "vasengine_vm_throttled_events_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			got[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+		}
+	}
+	if len(got) != 2 || got["1"] != 5 || got["other"] != 5 {
+		t.Errorf("throttled series %v, want vm=1 and vm=other at 5 each", got)
 	}
 }
