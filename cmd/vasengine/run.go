@@ -34,6 +34,7 @@ type engineFlags struct {
 	json        bool
 	metricsOut  string
 	top         int
+	limits      vmLimitFlags
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -53,6 +54,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
+	f.limits.register(fs)
 }
 
 func (f *engineFlags) config() (engine.Config, error) {

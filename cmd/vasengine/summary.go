@@ -36,12 +36,13 @@ type progress struct {
 	peakTabs  int64
 	peakBytes int64
 	peakVM    map[vasmon.VMID]int64
+	peakFlood map[vasmon.VMID]int64 // flooded pages
 	printed   bool
 }
 
 func newProgress(e *engine.Engine, s *session, tty bool) *progress {
 	now := time.Now()
-	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}}
+	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}, peakFlood: map[vasmon.VMID]int64{}}
 }
 
 func (p *progress) sample() {
@@ -55,6 +56,7 @@ func (p *progress) sample() {
 	}
 	for _, v := range st.PerVM {
 		p.peakVM[v.ID] = max(p.peakVM[v.ID], v.Tables)
+		p.peakFlood[v.ID] = max(p.peakFlood[v.ID], v.Flooded)
 	}
 	now := time.Now()
 	dt := now.Sub(p.last)
@@ -142,6 +144,7 @@ type summary struct {
 	Tables       sumTables  `json:"tables"`
 	Guest        sumGuest   `json:"guest_memory"`
 	Workers      sumWorkers `json:"workers"`
+	Limits       sumLimits  `json:"limits"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -250,6 +253,11 @@ type sumVM struct {
 	PeakTables int64    `json:"peak_tables"`
 	Refused    int64    `json:"refused"`
 	Removed    bool     `json:"removed"`
+	// Throttled: events held or refused by -vm-max-rate, the time held;
+	// FloodedPeak: the most pages flooded at once (sampled).
+	Throttled      uint64 `json:"throttled"`
+	ThrottleWaitNs int64  `json:"throttle_wait_ns"`
+	FloodedPeak    int64  `json:"flooded_pages_peak"`
 }
 
 // summarize builds the summary of the session.
@@ -361,6 +369,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 			Rejected: v.Rejected, Callbacks: v.Callbacks, OverBudget: v.OverBudget, P50Ns: int64(v.LatencyQuantile(0.5)),
 			P99Ns: int64(v.LatencyQuantile(0.99)), PeakTables: max(peakVM[v.ID], v.Tables), Refused: v.Refused, Removed: v.Removed})
 	}
+	s.summarizeLimits(sum, st, prog)
 	if !o.backendStart.IsZero() {
 		r := s.b.report(now.Sub(o.backendStart))
 		sum.BackendStats, sum.backendLines = r.Stats, r.Lines
@@ -463,6 +472,7 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 			fmt.Fprintf(ew, "guest memory ahead of the queues: %d writes dropped (a later read of their page held them), %d tables no longer linked when read (not reported), %d pages read again (a value no longer in memory), %d partial writes ended by their timeout\n",
 				g.StaleWrites, g.StaleReads, g.Resyncs, g.ExpiredPartial)
 		}
+		sum.writeLimits(ew, top)
 		for _, l := range sum.backendLines {
 			fmt.Fprintln(ew, l)
 		}
