@@ -101,6 +101,8 @@ type simBackend struct {
 	s   *sim.Sim
 }
 
+func (b *simBackend) setSync() { b.cfg.Sync = true }
+
 func (b *simBackend) describe() string {
 	mode := "mixed paging modes"
 	if b.cfg.Mode != 0 {
