@@ -61,10 +61,13 @@ type SyncHost interface {
 var ErrNoSync = errors.New("backends: the host cannot submit synchronously")
 
 // NewSyncer returns a Syncer for the writes of vm on host: the engine's own
-// (*engine.Engine), or the one a wrapper hands out (SyncHost).
+// (*engine.Engine, or a type embedding it), or the one a wrapper hands out
+// (SyncHost).
 func NewSyncer(host engine.Host, vm vasmon.VMID) (Syncer, error) {
 	switch h := host.(type) {
-	case *engine.Engine:
+	case interface {
+		NewSyncer(vasmon.VMID) (*engine.Syncer, error)
+	}: // the engine, or a type embedding it
 		s, err := h.NewSyncer(vm)
 		if err != nil {
 			return nil, err

@@ -88,3 +88,23 @@ func TestSyncUsage(t *testing.T) {
 		}
 	}
 }
+
+// TestReplaySyncCLI: replay -sync submits every event of a recorded trace
+// synchronously: the summary's synchronous writes are its submitted events.
+func TestReplaySyncCLI(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "t.trace")
+	if code, _, stderr := runMain("record", "-o", path, "-events", "3000", "-vms", "2", "-rate", "0", "-duration", "2m"); code != 0 {
+		t.Fatalf("record: exit %d: %s", code, stderr)
+	}
+	code, out, stderr := runMain("replay", "-sync", "-json", path)
+	if code != 0 {
+		t.Fatalf("replay: exit %d: %s", code, stderr)
+	}
+	var sum summary
+	if err := json.Unmarshal([]byte(out), &sum); err != nil {
+		t.Fatal(err)
+	}
+	if y := sum.Sync; y == nil || y.Writes == 0 || y.Writes != sum.Events.Submitted || y.Allowed+y.Denied != y.Writes {
+		t.Fatalf("sync %+v, events %+v", sum.Sync, sum.Events)
+	}
+}
