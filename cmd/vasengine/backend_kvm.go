@@ -64,6 +64,14 @@ type kvmBackend struct {
 	done bool
 }
 
+func (b *kvmBackend) setSync() error {
+	if b.cfg.Mode == kvm.Dirty {
+		return usagef("-sync: needs -kvm-mode trap (dirty mode sees writes only after the fact)")
+	}
+	b.cfg.Sync = true
+	return nil
+}
+
 func (b *kvmBackend) describe() string {
 	var modes []string
 	for _, m := range b.cfg.Modes {

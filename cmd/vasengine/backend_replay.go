@@ -97,7 +97,10 @@ type replayBackend struct {
 	took    time.Duration
 }
 
-func (b *replayBackend) setSync() { b.sync = true }
+func (b *replayBackend) setSync() error {
+	b.sync = true
+	return nil
+}
 
 func (b *replayBackend) describe() string {
 	name := b.path

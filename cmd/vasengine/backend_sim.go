@@ -101,7 +101,10 @@ type simBackend struct {
 	s   *sim.Sim
 }
 
-func (b *simBackend) setSync() { b.cfg.Sync = true }
+func (b *simBackend) setSync() error {
+	b.cfg.Sync = true
+	return nil
+}
 
 func (b *simBackend) describe() string {
 	mode := "mixed paging modes"

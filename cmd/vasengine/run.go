@@ -215,7 +215,7 @@ func (f *runFlags) pickBackend(stderr io.Writer) (backend, error) {
 
 // syncBackend is a backend that can submit synchronously (-sync).
 type syncBackend interface {
-	setSync()
+	setSync() error
 }
 
 // setSync turns on b's synchronous delivery, or says it has none.
@@ -224,8 +224,7 @@ func setSync(b backend, name string) error {
 	if !ok {
 		return usagef("-sync: -backend %s does not submit synchronously", name)
 	}
-	sb.setSync()
-	return nil
+	return sb.setSync()
 }
 
 // backend is where a run's guests come from.
