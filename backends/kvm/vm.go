@@ -147,7 +147,7 @@ type vcpu struct {
 	ev    [1]shard.Event
 	sync  backends.Syncer // VMConfig.Sync; made at the first trap
 	ring  []byte          // dirty ring (dirty mode)
-	next  uint32 // next ring entry to harvest
+	next  uint32          // next ring entry to harvest
 
 	lastTrap int64 // cfg.timing: shard.Now of the last trapped write's exit
 }
