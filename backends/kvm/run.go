@@ -195,6 +195,7 @@ func (t *VMStats) add(s VMStats) {
 	t.Traps += s.Traps
 	t.SyncWrites += s.SyncWrites
 	t.Denied += s.Denied
+	t.Windows += s.Windows
 	t.Submitted += s.Submitted
 	t.Rejected += s.Rejected
 	t.Reads += s.Reads

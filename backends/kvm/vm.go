@@ -68,6 +68,12 @@ type VMStats struct {
 	Paging                     vasmon.Mode // the guest's paging mode
 	Traps                      uint64      // trapped page-table writes applied (trap mode)
 	SyncWrites, Denied         uint64      // writes submitted synchronously (restores included); denied and not committed
+	// Windows counts trapped writes that linked a table (an entry
+	// pointing into the page-table pool) whose page was still not
+	// write-protected when the vCPU went back to the guest: the guest
+	// then runs on a link the engine has not hooked, and its writes into
+	// that table are not trapped until the hook lands. 0 with Sync.
+	Windows uint64
 	Submitted, Rejected        uint64      // events given to the engine, and refused by it
 	Reads                      uint64      // MMIO reads served (slot momentarily absent)
 	IOExits, IntrExits         uint64
@@ -132,7 +138,7 @@ type VM struct {
 	stopping atomic.Bool
 	st       struct {
 		traps, submitted, rejected, reads, io, intr, started, stopped, flips, flipNs, flipMax,
-		checks, ops, harvests, dirtyPages, zaps, syncWrites, denied atomic.Uint64
+		checks, ops, harvests, dirtyPages, zaps, syncWrites, denied, windows atomic.Uint64
 	}
 	elapsed time.Duration
 }
@@ -587,6 +593,11 @@ func (v *vcpu) mmio(now int64) error {
 		if vm.cfg.timing {
 			vm.submitNs = append(vm.submitNs, shard.Now()-t)
 		}
+		if e := vm.load(gpa&^(esz-1), int(esz)); e&vasmon.BitP != 0 {
+			if a := e & 0x000FFFFFFFFFF000; a >= poolPhys && a < poolPhys+poolPages*4096 && !vm.ver.Protected(a) {
+				vm.st.windows.Add(1)
+			}
+		}
 	}
 	vm.writeMu.Unlock()
 	if vm.zap {
@@ -786,7 +797,7 @@ func (vm *VM) Roots() []*vasmon.Root {
 // Stats returns the VM's counters.
 func (vm *VM) Stats() VMStats {
 	s := &vm.st
-	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), SyncWrites: s.syncWrites.Load(), Denied: s.denied.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
+	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), SyncWrites: s.syncWrites.Load(), Denied: s.denied.Load(), Windows: s.windows.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
 		Reads: s.reads.Load(), IOExits: s.io.Load(), IntrExits: s.intr.Load(),
 		RootsStarted: s.started.Load(), RootsStopped: s.stopped.Load(), Checks: s.checks.Load(), Ops: s.ops.Load(),
 		Zaps: s.zaps.Load(), Flips: s.flips.Load(), FlipTime: time.Duration(s.flipNs.Load()), FlipMax: time.Duration(s.flipMax.Load()),
