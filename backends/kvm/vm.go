@@ -64,18 +64,18 @@ type VMConfig struct {
 
 // VMStats are a VM's counters.
 type VMStats struct {
-	ID                         vasmon.VMID
-	Paging                     vasmon.Mode // the guest's paging mode
-	Traps                      uint64      // trapped page-table writes applied (trap mode)
-	SyncWrites, Denied         uint64      // writes submitted synchronously (restores included); denied and not committed
+	ID                 vasmon.VMID
+	Paging             vasmon.Mode // the guest's paging mode
+	Traps              uint64      // trapped page-table writes applied (trap mode)
+	SyncWrites, Denied uint64      // writes submitted synchronously (restores included); denied and not committed
 	// Windows counts trapped writes that linked a table (an entry
 	// pointing into the page-table pool) whose page was still not
 	// write-protected when the vCPU went back to the guest: the guest
 	// then runs on a link the engine has not hooked, and its writes into
 	// that table are not trapped until the hook lands. 0 with Sync.
-	Windows uint64
-	Submitted, Rejected        uint64      // events given to the engine, and refused by it
-	Reads                      uint64      // MMIO reads served (slot momentarily absent)
+	Windows                    uint64
+	Submitted, Rejected        uint64 // events given to the engine, and refused by it
+	Reads                      uint64 // MMIO reads served (slot momentarily absent)
 	IOExits, IntrExits         uint64
 	RootsStarted, RootsStopped uint64
 	Checks                     uint64 // guest read-back checks passed (reported at the end)
