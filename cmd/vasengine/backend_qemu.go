@@ -23,7 +23,6 @@ type qemuFlags struct {
 	guests, jobs, mem, vcpus int
 	workload                 string
 	dir                      string
-	sync                     *bool // run's -sync
 }
 
 func (f *qemuFlags) register(fs *flag.FlagSet) {
@@ -65,7 +64,7 @@ func (f *qemuFlags) backend() (backend, error) {
 	if _, _, _, err := qemu.Artifacts(f.dir); err != nil {
 		return nil, usagef("-qemu-dir %s: %s: run scripts/qemu-setup.sh %s (or `make qemu`)", f.dir, oneLine(err.Error()), f.dir)
 	}
-	return &qemuBackend{cfg: qemu.Config{Guests: f.guests, Workload: f.workload, Jobs: f.jobs, MemMB: f.mem, VCPUs: f.vcpus, Dir: f.dir, Sync: f.sync != nil && *f.sync}}, nil
+	return &qemuBackend{cfg: qemu.Config{Guests: f.guests, Workload: f.workload, Jobs: f.jobs, MemMB: f.mem, VCPUs: f.vcpus, Dir: f.dir, Sync: false}}, nil
 }
 
 // qemuBackend runs real Linux guests under QEMU.
@@ -81,6 +80,13 @@ func (b *qemuBackend) describe() string {
 }
 
 func (b *qemuBackend) prepare(context.Context) error { return nil }
+
+// setSync: -sync holds each storing vCPU in the plugin until the engine is
+// done with the write (qemu.Config.Sync).
+func (b *qemuBackend) setSync() error {
+	b.cfg.Sync = true
+	return nil
+}
 
 func (b *qemuBackend) run(ctx context.Context, host engine.Host, req backends.Request) error {
 	cfg := b.cfg

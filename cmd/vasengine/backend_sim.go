@@ -102,6 +102,11 @@ type simBackend struct {
 	s     *sim.Sim
 }
 
+func (b *simBackend) setSync() error {
+	b.cfg.Sync = true
+	return nil
+}
+
 func (b *simBackend) describe() string {
 	mode := "mixed paging modes"
 	if b.cfg.Mode != 0 {

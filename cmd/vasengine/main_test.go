@@ -103,7 +103,6 @@ func TestUsageErrors(t *testing.T) {
 		{"run", "-backend", "qemu", "-guests", "0"},
 		{"run", "-backend", "qemu", "-guests", "1025"},
 		{"run", "-backend", "qemu", "-workload", "nope"},
-		{"run", "-sync"}, // qemu only, for now
 		{"record", "-o", filepath.Join(t.TempDir(), "t.vtr"), "-backend", "qemu", "-sync"},
 		{"record"},
 		{"record", "-o", t.TempDir()},

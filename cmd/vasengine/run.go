@@ -35,6 +35,11 @@ type engineFlags struct {
 	metricsOut  string
 	top         int
 	limits      vmLimitFlags
+	// sync submits every trapped write synchronously (-sync; SEMANTICS.md
+	// section 7): each backend that supports it holds the writing vCPU
+	// until the write's closure is done (backends set it through
+	// syncBackend).
+	sync bool
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -53,6 +58,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.prof.Block, "blockprofile", "", "write a blocking profile to this file")
 	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
+	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: every trapped write holds its vCPU until the engine has hooked, unhooked and called back for it (backends sim, kvm, qemu and replay; the summary shows the stall)")
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
 	f.limits.register(fs)
 }
@@ -125,7 +131,6 @@ type runFlags struct {
 	duration time.Duration
 	out      string
 	force    bool
-	sync     bool
 	sim      simFlags
 	kvm      kvmFlags
 	qemu     qemuFlags
@@ -149,9 +154,7 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	f.sim.register(fs)
 	f.kvm.sim = &f.sim
 	f.kvm.register(fs)
-	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: each trapped write's vCPU waits until the engine is done with the write (-backend qemu)")
 	f.qemu.register(fs)
-	f.qemu.sync = &f.sync
 	f.replay.register(fs)
 	if err := parse(fs, args, stdout); err != nil {
 		return err
@@ -165,9 +168,6 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	if record && f.out == "" {
 		return usagef("record: -o FILE is required")
 	}
-	if f.sync && (f.backend != "qemu" || record) {
-		return usagef("-sync: only for run -backend qemu")
-	}
 	cfg, err := f.engineFlags.config()
 	if err != nil {
 		return err
@@ -175,6 +175,14 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	b, err := f.pickBackend(stderr)
 	if err != nil {
 		return err
+	}
+	if f.sync {
+		if record {
+			return usagef("record -sync: not supported (the trace recorder submits asynchronously)")
+		}
+		if err := setSync(b, f.backend); err != nil {
+			return err
+		}
 	}
 	var inputs []string
 	if f.backend == "replay" {
@@ -205,6 +213,20 @@ func (f *runFlags) pickBackend(stderr io.Writer) (backend, error) {
 		return f.replay.backend()
 	}
 	return nil, usagef("-backend %q: want sim, kvm, qemu or replay", f.backend)
+}
+
+// syncBackend is a backend that can submit synchronously (-sync).
+type syncBackend interface {
+	setSync() error
+}
+
+// setSync turns on b's synchronous delivery, or says it has none.
+func setSync(b backend, name string) error {
+	sb, ok := b.(syncBackend)
+	if !ok {
+		return usagef("-sync: -backend %s does not submit synchronously", name)
+	}
+	return sb.setSync()
 }
 
 // backend is where a run's guests come from.

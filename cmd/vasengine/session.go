@@ -506,3 +506,12 @@ func (h *abortHost) Sync(ctx context.Context) error {
 	defer done()
 	return h.e.Sync(c)
 }
+
+// SyncSubmitter implements backends.SyncHost: the engine's Syncers, until
+// abort.
+func (h *abortHost) SyncSubmitter(vm vasmon.VMID) (backends.Syncer, error) {
+	if h.ctx.Err() != nil {
+		return nil, engine.ErrClosed
+	}
+	return backends.NewSyncer(h.Host, vm)
+}

@@ -141,6 +141,7 @@ type summary struct {
 	OverBudget   uint64     `json:"over_budget"`
 	Panics       uint64     `json:"callback_panics"`
 	Latency      sumLatency `json:"latency_ns"`
+	Sync         *sumSync   `json:"sync,omitempty"`
 	Tables       sumTables  `json:"tables"`
 	Guest        sumGuest   `json:"guest_memory"`
 	Workers      sumWorkers `json:"workers"`
@@ -164,6 +165,7 @@ type sumConfig struct {
 	BudgetNs    int64  `json:"budget_ns"`
 	NonBlocking bool   `json:"nonblocking"`
 	DurationNs  int64  `json:"duration_ns"`
+	Sync        bool   `json:"sync"`
 }
 
 // sumWorkers: where the shard workers ran and what sharing cost them.
@@ -223,6 +225,18 @@ type sumLatency struct {
 	Budget int64 `json:"budget"`
 }
 
+// sumSync is synchronous delivery's part (-sync, or any synchronous write):
+// the stall from trap to the vCPU's release, and the writes by verdict.
+type sumSync struct {
+	Writes  uint64 `json:"writes"`
+	P50Ns   int64  `json:"p50_ns"`
+	P99Ns   int64  `json:"p99_ns"`
+	P999Ns  int64  `json:"p999_ns"`
+	MaxNs   int64  `json:"max_ns"`
+	Allowed uint64 `json:"allowed"`
+	Denied  uint64 `json:"denied"`
+}
+
 type sumTables struct {
 	Peak          int64  `json:"peak"`
 	PeakHostBytes int64  `json:"peak_host_bytes"`
@@ -265,7 +279,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	now := time.Now()
 	sum := &summary{Schema: summarySchema, Version: summaryVersion, Command: s.command, Build: readBuildInfo(),
 		Config: sumConfig{Backend: backendName(s.b), Shards: s.cfg.Shards, QueueDepth: s.cfg.QueueDepth, Batch: s.cfg.MaxBatch,
-			BudgetNs: int64(s.cfg.Budget), NonBlocking: s.cfg.NonBlocking, DurationNs: int64(s.duration)},
+			BudgetNs: int64(s.cfg.Budget), NonBlocking: s.cfg.NonBlocking, DurationNs: int64(s.duration), Sync: s.flags.sync},
 		VMs: []sumVM{}, Warnings: []string{}, Errors: []string{}}
 	s.mu.Lock()
 	cause, stopAt := s.cause, s.stopAt
@@ -347,6 +361,10 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	sum.Callbacks, sum.OverBudget, sum.Panics = st.Callbacks, st.OverBudget, st.Panics
 	l := &st.Latency
 	sum.Latency = sumLatency{P50: int64(l.Quantile(0.5)), P99: int64(l.Quantile(0.99)), P999: int64(l.Quantile(0.999)), Max: int64(l.Max()), Budget: int64(s.cfg.Budget)}
+	if ss := &st.SyncStall; ss.Count() > 0 || s.flags.sync {
+		sum.Sync = &sumSync{Writes: ss.Count(), P50Ns: ss.Quantile(0.5), P99Ns: ss.Quantile(0.99), P999Ns: ss.Quantile(0.999),
+			MaxNs: ss.Max(), Allowed: st.Allowed, Denied: st.Denied}
+	}
 	var peakTabs, peakBytes int64
 	peakVM := map[vasmon.VMID]int64{}
 	if prog != nil {
@@ -460,6 +478,10 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		fmt.Fprintf(ew, "trap-to-callback latency: p50 %v  p99 %v  p99.9 %v  max %v; budget %v, violated by %d of %d callbacks (%.3f%%)\n",
 			time.Duration(l.P50), time.Duration(l.P99), time.Duration(l.P999), time.Duration(l.Max), time.Duration(l.Budget),
 			sum.OverBudget, sum.Callbacks, pct(sum.OverBudget, sum.Callbacks))
+		if y := sum.Sync; y != nil {
+			fmt.Fprintf(ew, "synchronous writes: %d, stall (trap to the vCPU's release) p50 %v  p99 %v  p99.9 %v  max %v; verdicts: %d allow, %d deny\n",
+				y.Writes, time.Duration(y.P50Ns), time.Duration(y.P99Ns), time.Duration(y.P999Ns), time.Duration(y.MaxNs), y.Allowed, y.Denied)
+		}
 		t := sum.Tables
 		fmt.Fprintf(ew, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
 			t.Peak, bytesStr(t.PeakHostBytes), t.BytesPerTable, t.Hooks, t.Unhooks,
