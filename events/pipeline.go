@@ -47,14 +47,20 @@ func (p Policy) String() string {
 type Rules interface {
 	// Names returns the rules' names; a rule's number is its index.
 	Names() []string
-	// Match appends to hits the numbers of the rules r matches, in order
-	// of priority, and returns the slice. It is called by one goroutine
-	// per lane, concurrently.
-	Match(r *Record, hits []uint16) []uint16
+	// NewMatcher returns a matcher for one goroutine (each lane has its
+	// own), for the records of host.
+	NewMatcher(host string) Matcher
 	// Priority returns rule i's priority name ("critical", ...).
 	Priority(i uint16) string
 	// AppendOutput appends rule i's output text for r to dst.
 	AppendOutput(dst []byte, i uint16, r *Record, root *RootInfo, host string) []byte
+}
+
+// Matcher evaluates rules for one goroutine.
+type Matcher interface {
+	// Match appends to hits the numbers of the rules r (of root) matches,
+	// in order of priority, and returns the slice.
+	Match(r *Record, root *RootInfo, hits []uint16) []uint16
 }
 
 // Match is a record that matched a rule, as sinks get it.
@@ -131,7 +137,8 @@ type lane struct {
 	parked atomic.Bool
 	wake   chan struct{}
 	seq    map[vasmon.VMID]uint64
-	in     atomic.Uint64 // records dequeued
+	roots  map[uint32]*RootInfo // the lane's cache of Pipeline.Root
+	in     atomic.Uint64        // records dequeued
 	// matched counts matches per rule (written by the lane goroutine).
 	matched []atomic.Uint64
 }
@@ -212,7 +219,7 @@ func New(cfg Config) (*Pipeline, error) {
 	}
 	for range cfg.Lanes {
 		l := &lane{p: p, ring: shard.NewRing[Record](cfg.Ring), wake: make(chan struct{}, 1),
-			seq: map[vasmon.VMID]uint64{}, matched: make([]atomic.Uint64, len(p.names))}
+			seq: map[vasmon.VMID]uint64{}, roots: map[uint32]*RootInfo{}, matched: make([]atomic.Uint64, len(p.names))}
 		p.lanes = append(p.lanes, l)
 	}
 	for _, l := range p.lanes {
@@ -334,6 +341,10 @@ func (l *lane) loop() {
 	defer l.p.lanesDone.Done()
 	buf := make([]Record, 256)
 	hits := make([]uint16, 0, 16)
+	var m Matcher
+	if l.p.cfg.Rules != nil {
+		m = l.p.cfg.Rules.NewMatcher(l.p.host)
+	}
 	empty := 0
 	for {
 		n := l.ring.DequeueBatch(buf)
@@ -374,10 +385,16 @@ func (l *lane) loop() {
 			if KernelHalf(r.Mode, r.VA) {
 				r.Flags |= FlagKernel
 			}
-			if l.p.cfg.Rules == nil {
+			if m == nil {
 				continue
 			}
-			hits = l.p.cfg.Rules.Match(r, hits[:0])
+			root := l.roots[r.Root]
+			if root == nil {
+				ri := l.p.Root(r.Root)
+				root = &ri
+				l.roots[r.Root] = root
+			}
+			hits = m.Match(r, root, hits[:0])
 			for _, h := range hits {
 				l.matched[h].Add(1)
 				for _, sr := range l.p.sinks {

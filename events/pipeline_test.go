@@ -56,8 +56,9 @@ func TestClassify(t *testing.T) {
 // allRules matches every record with rule 0, and rule 1 when VA is odd.
 type allRules struct{ gate chan struct{} }
 
-func (allRules) Names() []string { return []string{"all", "odd"} }
-func (a allRules) Match(r *Record, hits []uint16) []uint16 {
+func (allRules) Names() []string             { return []string{"all", "odd"} }
+func (a allRules) NewMatcher(string) Matcher { return a }
+func (a allRules) Match(r *Record, _ *RootInfo, hits []uint16) []uint16 {
 	if a.gate != nil {
 		<-a.gate
 	}
