@@ -34,6 +34,7 @@ type engineFlags struct {
 	json        bool
 	metricsOut  string
 	top         int
+	ev          eventFlags
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -52,6 +53,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.prof.Block, "blockprofile", "", "write a blocking profile to this file")
 	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
+	f.ev.register(fs)
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
 }
 
@@ -113,7 +115,7 @@ func (f *engineFlags) checkOutputs(inputs ...string) error {
 			return err
 		}
 	}
-	return nil
+	return f.ev.check(inputs...)
 }
 
 // runFlags are run's and record's own flags.
