@@ -85,7 +85,7 @@ type outcome struct {
 	drained      bool
 	traceErr     error
 	eventsErr    error // the event pipeline's outputs
-	traceDone    bool // the trace was written and renamed into place
+	traceDone    bool  // the trace was written and renamed into place
 	profErr      error
 }
 
