@@ -157,7 +157,9 @@ func TestKillRestart(t *testing.T) {
 	}
 	n -= n % 8
 	srv := startServer(t, freePort(t), t.TempDir())
-	sink, err := New(Config{URL: srv.url(), Spool: t.TempDir(), AckWait: time.Second})
+	// A quarter of the records is spooled while the server is down (about
+	// 1 KB each with its subject and id).
+	sink, err := New(Config{URL: srv.url(), Spool: t.TempDir(), SpoolMax: int64(n) * 2048, AckWait: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
