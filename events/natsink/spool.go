@@ -16,13 +16,12 @@ import (
 // and the offset of the first frame not yet acknowledged, in a file of its
 // own. It survives restarts: a sink replays it first.
 type spool struct {
-	dir     string
-	f       *os.File
-	size    int64 // bytes in the file
-	off     int64 // first frame not acknowledged
-	max     int64
-	w       *bufio.Writer
-	pending int // frames written since the last flush
+	dir  string
+	f    *os.File
+	size int64 // bytes in the file
+	off  int64 // first frame not acknowledged
+	max  int64
+	w    *bufio.Writer
 }
 
 type frame struct {
