@@ -183,6 +183,9 @@ func TestBadInput(t *testing.T) {
 }
 
 func TestMatchAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocations are not measured under the race detector")
+	}
 	s, err := Parse("w.yaml", []byte("watch: [{name: a, start: 0x1000, end: 0x2000}]\nrules:\n  - {name: named, condition: 'root == \"vm3/pid 41\" && host != \"\"', priority: info, output: x}\n"))
 	if err != nil {
 		t.Fatal(err)
