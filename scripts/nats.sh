@@ -17,13 +17,19 @@ install() {
     echo "nats.sh: need root to apt-get install nats-server" >&2
     return 1
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  # policy-rc.d keeps the package's service from starting during the install.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-  chmod +x /usr/sbin/policy-rc.d
-  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+  # One install at a time (test packages run in parallel); the lock's file
+  # descriptor is the subshell's only.
+  (
+    flock 9
+    command -v nats-server >/dev/null 2>&1 && exit 0
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    # policy-rc.d keeps the package's service from starting during the install.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+  ) 9>"${TMPDIR:-/tmp}/vasengine-nats-install.lock"
   command -v nats-server >/dev/null
 }
 case "${1:-}" in
