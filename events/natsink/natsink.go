@@ -272,21 +272,33 @@ func (s *Sink) spoolRest(ms []events.Match, fs []frame) error {
 	return s.sp.flush()
 }
 
-// Close implements events.Sink: the spool is replayed within ctx, what is
-// left stays in the spool folder for the next run. A full spool is
-// reported as an error.
+// Close implements events.Sink: the spool is replayed within ctx while
+// the replay progresses (a server unreachable for AckWait, or three
+// replays without progress, end it); what is left stays in the spool
+// folder for the next run and is reported as an error, as is a full spool.
 func (s *Sink) Close(ctx context.Context) error {
 	var errs []error
-	// An unreachable server is waited for at most AckWait.
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.AckWait)
-	defer cancel()
-	for !s.sp.empty() && ctx.Err() == nil {
+	// Replay as long as ctx allows and the replay progresses; an
+	// unreachable server is waited for at most AckWait each time.
+	for stalls := 0; !s.sp.empty() && ctx.Err() == nil && stalls < 3; {
+		before := s.sp.bytes()
 		empty, err := s.drain(ctx)
 		if err != nil {
 			errs = append(errs, err)
 			break
 		}
-		if empty || !s.waitConnected(ctx) {
+		if empty {
+			break
+		}
+		if s.sp.bytes() < before {
+			stalls = 0
+		} else {
+			stalls++
+		}
+		wctx, cancel := context.WithTimeout(ctx, s.cfg.AckWait)
+		ok := s.waitConnected(wctx)
+		cancel()
+		if !ok {
 			break
 		}
 	}
