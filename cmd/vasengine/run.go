@@ -35,6 +35,7 @@ type engineFlags struct {
 	metricsOut  string
 	top         int
 	ev          eventFlags
+	limits      vmLimitFlags
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -55,6 +56,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
 	f.ev.register(fs)
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
+	f.limits.register(fs)
 }
 
 func (f *engineFlags) config() (engine.Config, error) {
@@ -125,6 +127,7 @@ type runFlags struct {
 	duration time.Duration
 	out      string
 	force    bool
+	sync     bool
 	sim      simFlags
 	kvm      kvmFlags
 	qemu     qemuFlags
@@ -148,7 +151,9 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	f.sim.register(fs)
 	f.kvm.sim = &f.sim
 	f.kvm.register(fs)
+	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: each trapped write's vCPU waits until the engine is done with the write (-backend qemu)")
 	f.qemu.register(fs)
+	f.qemu.sync = &f.sync
 	f.replay.register(fs)
 	if err := parse(fs, args, stdout); err != nil {
 		return err
@@ -161,6 +166,9 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	}
 	if record && f.out == "" {
 		return usagef("record: -o FILE is required")
+	}
+	if f.sync && (f.backend != "qemu" || record) {
+		return usagef("-sync: only for run -backend qemu")
 	}
 	cfg, err := f.engineFlags.config()
 	if err != nil {

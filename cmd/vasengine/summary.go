@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -35,12 +36,13 @@ type progress struct {
 	peakTabs  int64
 	peakBytes int64
 	peakVM    map[vasmon.VMID]int64
+	peakFlood map[vasmon.VMID]int64 // flooded pages
 	printed   bool
 }
 
 func newProgress(e *engine.Engine, s *session, tty bool) *progress {
 	now := time.Now()
-	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}}
+	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}, peakFlood: map[vasmon.VMID]int64{}}
 }
 
 func (p *progress) sample() {
@@ -54,6 +56,7 @@ func (p *progress) sample() {
 	}
 	for _, v := range st.PerVM {
 		p.peakVM[v.ID] = max(p.peakVM[v.ID], v.Tables)
+		p.peakFlood[v.ID] = max(p.peakFlood[v.ID], v.Flooded)
 	}
 	now := time.Now()
 	dt := now.Sub(p.last)
@@ -140,6 +143,8 @@ type summary struct {
 	Latency      sumLatency `json:"latency_ns"`
 	Tables       sumTables  `json:"tables"`
 	Guest        sumGuest   `json:"guest_memory"`
+	Workers      sumWorkers `json:"workers"`
+	Limits       sumLimits  `json:"limits"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -159,6 +164,17 @@ type sumConfig struct {
 	BudgetNs    int64  `json:"budget_ns"`
 	NonBlocking bool   `json:"nonblocking"`
 	DurationNs  int64  `json:"duration_ns"`
+}
+
+// sumWorkers: where the shard workers ran and what sharing cost them.
+type sumWorkers struct {
+	// CPUs: per shard, the host CPU its worker is pinned to, -1 unpinned.
+	CPUs []int `json:"cpus"`
+	// Steals: shard steps run by another thread than the shard's worker
+	// (an idle peer, a synchronous submitter, a producer finding it full).
+	Steals uint64 `json:"steals"`
+	// SpinNs: time the workers spent polling idle queues.
+	SpinNs int64 `json:"spin_ns"`
 }
 
 type sumEnded struct {
@@ -237,6 +253,11 @@ type sumVM struct {
 	PeakTables int64    `json:"peak_tables"`
 	Refused    int64    `json:"refused"`
 	Removed    bool     `json:"removed"`
+	// Throttled: events held or refused by -vm-max-rate, the time held;
+	// FloodedPeak: the most pages flooded at once (sampled).
+	Throttled      uint64 `json:"throttled"`
+	ThrottleWaitNs int64  `json:"throttle_wait_ns"`
+	FloodedPeak    int64  `json:"flooded_pages_peak"`
 }
 
 // summarize builds the summary of the session.
@@ -338,6 +359,10 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 		peakTabs, peakBytes = st.Tables, st.HostBytes
 	}
 	sum.Tables = sumTables{Peak: peakTabs, PeakHostBytes: peakBytes, Hooks: st.Hooks, Unhooks: st.Unhooks}
+	sum.Workers = sumWorkers{CPUs: []int{}, Steals: st.Steals, SpinNs: int64(st.Spin)}
+	for _, sh := range e.Shards() {
+		sum.Workers.CPUs = append(sum.Workers.CPUs, sh.CPU())
+	}
 	sum.Guest = sumGuest{StaleWrites: st.StaleWrites, StaleReads: st.StaleReads, Resyncs: st.Resyncs, ExpiredPartial: st.Expired}
 	if peakTabs > 0 {
 		sum.Tables.BytesPerTable = peakBytes / peakTabs
@@ -347,6 +372,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 			Rejected: v.Rejected, Callbacks: v.Callbacks, OverBudget: v.OverBudget, P50Ns: int64(v.LatencyQuantile(0.5)),
 			P99Ns: int64(v.LatencyQuantile(0.99)), PeakTables: max(peakVM[v.ID], v.Tables), Refused: v.Refused, Removed: v.Removed})
 	}
+	s.summarizeLimits(sum, st, prog)
 	if !o.backendStart.IsZero() {
 		r := s.b.report(now.Sub(o.backendStart))
 		sum.BackendStats, sum.backendLines = r.Stats, r.Lines
@@ -441,10 +467,15 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		fmt.Fprintf(ew, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
 			t.Peak, bytesStr(t.PeakHostBytes), t.BytesPerTable, t.Hooks, t.Unhooks,
 			float64(t.Hooks+t.Unhooks)/float64(max(1, ev.Processed)), sum.Config.Shards, sum.Panics)
+		if w := sum.Workers; len(w.CPUs) > 0 {
+			fmt.Fprintf(ew, "workers: %s; %d steps run by other threads (idle peers, synchronous submitters), %v polling idle queues\n",
+				pinStr(w.CPUs), w.Steals, time.Duration(w.SpinNs).Round(time.Microsecond))
+		}
 		if g := sum.Guest; g != (sumGuest{}) {
 			fmt.Fprintf(ew, "guest memory ahead of the queues: %d writes dropped (a later read of their page held them), %d tables no longer linked when read (not reported), %d pages read again (a value no longer in memory), %d partial writes ended by their timeout\n",
 				g.StaleWrites, g.StaleReads, g.Resyncs, g.ExpiredPartial)
 		}
+		sum.writeLimits(ew, top)
 		for _, l := range sum.backendLines {
 			fmt.Fprintln(ew, l)
 		}
@@ -510,4 +541,21 @@ func pct(a, b uint64) float64 {
 		return 0
 	}
 	return 100 * float64(a) / float64(b)
+}
+
+// pinStr says where the shard workers run: "2 unpinned" or "pinned to CPUs 0,1".
+func pinStr(cpus []int) string {
+	var pinned []string
+	for _, c := range cpus {
+		if c >= 0 {
+			pinned = append(pinned, strconv.Itoa(c))
+		}
+	}
+	switch {
+	case len(pinned) == 0:
+		return fmt.Sprintf("%d unpinned (the scheduler places them)", len(cpus))
+	case len(pinned) == len(cpus):
+		return "pinned to CPUs " + strings.Join(pinned, ",")
+	}
+	return fmt.Sprintf("%d pinned (CPUs %s), %d unpinned", len(pinned), strings.Join(pinned, ","), len(cpus)-len(pinned))
 }
