@@ -11,6 +11,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/vasengine/vasengine/backends"
+	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/vasmon"
 )
 
@@ -275,5 +277,56 @@ func TestJSON(t *testing.T) {
 		v.TimeNs != 1700000000123456789 || v.Time != "2023-11-14T22:13:20.123456789Z" ||
 		v.ID != "host\"1."+pl.Run()+".3.7.1" || v.Output == "" {
 		t.Errorf("%+v\n%s", v, line)
+	}
+}
+
+// fakeHost captures what Start was given.
+type fakeHost struct {
+	engine.Host
+	cb   vasmon.Callback
+	ctx  any
+	opts engine.RootOptions
+}
+
+func (f *fakeHost) Start(_ context.Context, _ vasmon.VMID, _ uint64, _ vasmon.Mode, _ uint64,
+	cb vasmon.Callback, cbctx any, opts engine.RootOptions) (*vasmon.Root, error) {
+	f.cb, f.ctx, f.opts = cb, cbctx, opts
+	return nil, nil
+}
+
+// TestWrap: the wrapped host gives the engine the pipeline's callback; the
+// backend's callback or verdict still gets its own context, and both make
+// records.
+func TestWrap(t *testing.T) {
+	sink := &collect{}
+	pl, err := New(Config{Host: "h", Lanes: 1, Rules: allRules{}, Sinks: []Sink{sink}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := &backends.RootInfo{Name: "vm1/pid 7"}
+	f := &fakeHost{}
+	h := pl.Wrap(f)
+	var gotCtx []any
+	cb := func(c any, va, old, new, size uint64) { gotCtx = append(gotCtx, c) }
+	h.Start(context.Background(), 1, 0x1000, vasmon.Mode4, 0, cb, info, engine.RootOptions{})
+	f.cb(f.ctx, 0x1000, 0, 0x1000|p, 4096)
+	verdict := func(c any, va, old, new, size uint64) shard.Verdict {
+		gotCtx = append(gotCtx, c)
+		return shard.Deny
+	}
+	h.Start(context.Background(), 2, 0x2000, vasmon.Mode4, 0, cb, info, engine.RootOptions{Verdict: verdict,
+		Options: vasmon.Options{FullSpace: true}})
+	if v := f.opts.Verdict(f.ctx, 0x2000, 0, 0x1000|p, 4096); v != shard.Deny {
+		t.Errorf("verdict %v", v)
+	}
+	if err := pl.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if len(gotCtx) != 2 || gotCtx[0] != info || gotCtx[1] != info {
+		t.Errorf("contexts %v", gotCtx)
+	}
+	if len(sink.got) != 2 || sink.got[0].VM != 1 || sink.got[1].VM != 2 || sink.got[1].Flags&FlagFullSpace == 0 ||
+		pl.Root(sink.got[1].Root).Name != "vm1/pid 7" {
+		t.Errorf("records %+v", sink.got)
 	}
 }
