@@ -28,6 +28,7 @@ commands:
   run      monitor guests (default backend: the simulator) and print a summary
   record   like run, and write every event to a trace file (-o FILE)
   replay   replay a trace file into the engine (vasengine replay [flags] FILE|-)
+  tail     print the fleet's events from NATS JetStream as JSON lines (-nats URL)
   plan     how many VMs this host can monitor within a latency budget
   version  the program's version, revision and Go version
   help     this text; "vasengine <command> -h" lists a command's flags
@@ -59,6 +60,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = cmdReplay(rest, out, stderr)
 	case "plan":
 		err = cmdPlan(rest, out, stderr)
+	case "tail":
+		err = cmdTail(rest, out, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(out, versionString())
 	case "help", "-h", "-help", "--help":

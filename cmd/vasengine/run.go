@@ -34,6 +34,7 @@ type engineFlags struct {
 	json        bool
 	metricsOut  string
 	top         int
+	ev          eventFlags
 	limits      vmLimitFlags
 	// sync submits every trapped write synchronously (-sync; SEMANTICS.md
 	// section 7): each backend that supports it holds the writing vCPU
@@ -59,6 +60,7 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
 	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: every trapped write holds its vCPU until the engine has hooked, unhooked and called back for it (backends sim, kvm, qemu and replay; the summary shows the stall)")
+	f.ev.register(fs)
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
 	f.limits.register(fs)
 }
@@ -121,7 +123,7 @@ func (f *engineFlags) checkOutputs(inputs ...string) error {
 			return err
 		}
 	}
-	return nil
+	return f.ev.check(inputs...)
 }
 
 // runFlags are run's and record's own flags.

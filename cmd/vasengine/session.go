@@ -16,6 +16,7 @@ import (
 
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/events"
 	"github.com/vasengine/vasengine/pprof"
 	"github.com/vasengine/vasengine/trace"
 	"github.com/vasengine/vasengine/vasmon"
@@ -85,7 +86,8 @@ type outcome struct {
 	drainEnd     time.Time
 	drained      bool
 	traceErr     error
-	traceDone    bool // the trace was written and renamed into place
+	eventsErr    error // the event pipeline's outputs
+	traceDone    bool  // the trace was written and renamed into place
 	profErr      error
 }
 
@@ -219,10 +221,14 @@ func runSession(s *session) error {
 	}
 	sum := s.summarize(e, prog, o, finished, phase)
 	var errs []error
+	out := s.stdout
+	if s.flags.ev.out == "-" {
+		out = s.stderr // standard output carries the events
+	}
 	if s.flags.json {
-		errs = append(errs, sum.writeJSON(s.stdout))
+		errs = append(errs, sum.writeJSON(out))
 	} else {
-		errs = append(errs, sum.writeText(s.stdout, s.flags.top))
+		errs = append(errs, sum.writeText(out, s.flags.top))
 	}
 	for _, w := range sum.Warnings {
 		fmt.Fprintf(s.stderr, "vasengine: warning: %s\n", w)
@@ -311,6 +317,15 @@ func (s *session) work(ctx context.Context, cancel context.CancelCauseFunc) {
 		return
 	}
 	s.reg.MustRegister(newVMCollector(e))
+	var pl *events.Pipeline
+	if s.flags.ev.enabled() {
+		if pl, err = s.flags.ev.start(s.reg, s.stdout); err != nil {
+			s.update(func(o *outcome) { o.setupErr = err })
+			e.Close()
+			s.abortOutputs()
+			return
+		}
+	}
 
 	s.setPhase("setting up the backend")
 	if err := s.b.prepare(ctx); err != nil {
@@ -324,12 +339,12 @@ func (s *session) work(ctx context.Context, cancel context.CancelCauseFunc) {
 		return
 	}
 
-	var host engine.Host = e
+	host := withEvents(pl, e)
 	var rec *trace.Recorder
 	var bw *bufio.Writer
 	if s.traceOut != nil {
 		bw = bufio.NewWriterSize(s.traceOut, 1<<20)
-		rec = trace.NewRecorder(bw, e)
+		rec = trace.NewRecorder(bw, host)
 		host = rec
 	}
 	ah := newAbortHost(s.limitHost(ctx, host), e)
@@ -411,6 +426,9 @@ loop:
 	})
 	prog.sample()
 	prog.finish()
+	if pl != nil {
+		s.closeEvents(ctx, pl)
+	}
 
 	if rec != nil {
 		s.setPhase("writing the trace")
@@ -441,6 +459,26 @@ loop:
 	}
 	s.update(func(o *outcome) { o.profErr = perr })
 	s.setPhase("done")
+}
+
+// closeEvents drains the event pipeline into its outputs, until finishBy
+// once the run is asked to stop (what is left then is dropped, counted).
+func (s *session) closeEvents(ctx context.Context, pl *events.Pipeline) {
+	s.setPhase("writing the events")
+	cctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	var err error
+	go func() {
+		defer close(done)
+		err = pl.Close(cctx)
+	}()
+	if !s.await(ctx, done, finishBy) {
+		cancel()
+		<-done
+	}
+	s.logf("%v", pl.Stats())
+	s.update(func(o *outcome) { o.eventsErr = err })
 }
 
 // abortHost passes a backend's calls to the host until abort; then the

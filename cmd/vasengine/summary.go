@@ -314,7 +314,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	if s.traceOut != nil && !o.traceDone && o.traceErr == nil {
 		en.Abandoned = append(en.Abandoned, "trace")
 	}
-	en.Complete = len(en.Abandoned) == 0 && o.setupErr == nil && o.traceErr == nil && o.profErr == nil
+	en.Complete = len(en.Abandoned) == 0 && o.setupErr == nil && o.traceErr == nil && o.profErr == nil && o.eventsErr == nil
 
 	var errs []error
 	if o.setupErr != nil {
@@ -325,6 +325,9 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	}
 	if o.traceErr != nil {
 		errs = append(errs, fmt.Errorf("the trace was not written: %w", o.traceErr))
+	}
+	if o.eventsErr != nil {
+		errs = append(errs, o.eventsErr)
 	}
 	if o.profErr != nil {
 		errs = append(errs, o.profErr)
