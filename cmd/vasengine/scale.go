@@ -91,7 +91,9 @@ type traceDriver struct {
 	traceVMs int // VMs in the trace
 }
 
-func (d *traceDriver) copies(n int) int { return max(1, int(math.Round(float64(n)/float64(d.traceVMs)))) }
+func (d *traceDriver) copies(n int) int {
+	return max(1, int(math.Round(float64(n)/float64(d.traceVMs))))
+}
 
 func (d *traceDriver) describe(n int) string {
 	copies := "copies"
@@ -218,7 +220,7 @@ type scaler struct {
 	step, warm time.Duration
 	stderr     io.Writer
 	results    map[int]*scaleResult
-	firstN     int  // the VMs measured first (their bursts metered)
+	firstN     int // the VMs measured first (their bursts metered)
 	// memMeasured: the plan's tables per VM and bytes per table are
 	// measured (not given by a snapshot or report).
 	memMeasured bool
