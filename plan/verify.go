@@ -192,7 +192,7 @@ func WriteVerify(w io.Writer, p Promise, m Measured, cs []Check) error {
 // pairs separated by commas, durations in nanoseconds, so that the verify
 // command a plan prints checks exactly what that plan promised.
 func (p Promise) String() string {
-	f := func(v float64) string { return strconv.FormatFloat(v, 'g', 7, 64) }
+	f := func(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
 	return strings.Join([]string{
 		"vms=" + strconv.Itoa(p.VMs), "vcpus=" + strconv.Itoa(p.VCPUs), "rate=" + f(p.RatePerVM), "events=" + f(p.Events),
 		"p50=" + nsStr(p.P50), "p99=" + nsStr(p.P99), "p999=" + nsStr(p.P999),
