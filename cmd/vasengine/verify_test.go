@@ -160,3 +160,27 @@ func TestPlanVerifyUsageErrors(t *testing.T) {
 		usageFailure(t, all, code, stderr)
 	}
 }
+
+// TestPlanTraceAtScale: a trace's workload is measured at scale as copies
+// of the trace replayed at its recorded pace, and verified the same way.
+func TestPlanTraceAtScale(t *testing.T) {
+	tr := filepath.Join(t.TempDir(), "run.trace")
+	if code, _, stderr := runMain("record", "-o", tr, "-events", "2000", "-duration", "2m", "-vms", "2", "-rate", "2000"); code != 0 {
+		t.Fatalf("record: exit %d: %s", code, stderr)
+	}
+	code, out, stderr := runMain("plan", "-trace", tr, "-quick", "-vms", "4", "-vcpus", "1", "-budget", "10s", "-vm-burst", "100",
+		"-mem", "1GiB", "-scale-runs", "2", "-verify", "-verify-duration", "300ms")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s%s", code, out, stderr)
+	}
+	for _, want := range []string{"copies of the trace " + tr + " (2 VMs each) at its recorded pace, looped", "verify: vasengine plan -verify -verify-duration 300ms -trace " + tr,
+		"verify: the run kept the plan's promise"} {
+		if !strings.Contains(out, want) && !strings.Contains(stderr, want) {
+			t.Errorf("the output lacks %q:\n%s%s", want, out, stderr)
+		}
+	}
+	// 4 planned VMs are 2 copies of the trace's 2 VMs.
+	if !strings.Contains(stderr, "plan: 4 VMs") {
+		t.Errorf("4 VMs not measured:\n%s", stderr)
+	}
+}
