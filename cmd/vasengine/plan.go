@@ -243,7 +243,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	if snap != nil {
-		addSnapshotPoint(&in.Curve, snap, cfg.Budget)
+		addSnapshotPoint(&in.Curve, snap, cfg.Budget, sc == nil)
 	}
 	if f.vmBurst > 0 {
 		wl.BurstPerVM = f.vmBurst
@@ -291,21 +291,28 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 }
 
 // addSnapshotPoint puts what a Prometheus snapshot measured (its p99 at its
-// own mean load) into the curve, and says when it contradicts the curve.
-func addSnapshotPoint(c *plan.Curve, snap *plan.Snapshot, budget time.Duration) {
+// own mean load) into the curve if inCurve (not into a curve measured at
+// the plan's scale: the snapshot is of another scale, over its whole
+// uptime), and says when it contradicts the curve.
+func addSnapshotPoint(c *plan.Curve, snap *plan.Snapshot, budget time.Duration, inCurve bool) {
 	pt, ok := snap.Point()
 	if !ok {
 		c.Notes = append(c.Notes, "the snapshot has no callback latency measured: the plan rests on the curve alone")
 		return
 	}
 	want := c.P99At(pt.Rate())
-	c.Points = append(c.Points, pt)
+	where := fmt.Sprintf("it is in the curve as the point %q", pt.Label)
+	if inCurve {
+		c.Points = append(c.Points, pt)
+	} else {
+		where = "it is not a point of this curve (another scale, over the whole uptime)"
+	}
 	beyond := ""
 	if snap.P99Beyond {
 		beyond = " (beyond the histogram's last bucket)"
 	}
-	note := fmt.Sprintf("the snapshot measured p99 %s%s over %.0f callbacks at its mean load of %s events/s; it is in the curve as the point %q",
-		plan.Dur(pt.P99), beyond, snap.Callbacks, plan.SI(pt.Rate()), pt.Label)
+	note := fmt.Sprintf("the snapshot measured p99 %s%s over %.0f callbacks at its mean load of %s events/s; %s",
+		plan.Dur(pt.P99), beyond, snap.Callbacks, plan.SI(pt.Rate()), where)
 	switch {
 	case (pt.P99 > budget) != (want > budget):
 		note += fmt.Sprintf("; it CONTRADICTS the cost curve, which gives %s at that load (budget %v): the curve was not measured under this host's conditions", plan.Dur(want), budget)
