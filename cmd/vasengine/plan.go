@@ -227,6 +227,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		if measured {
 			in.Notes[1] = "bytes per table: measured at the planned VMs (or the nearest measured), as the run summary counts them: host bytes at the sampled peak of hooked tables"
 		}
+		if f.tracePath != "" {
+			wl.Notes = append(wl.Notes, "events/s per VM: what the trace's replay at its recorded pace made per VM (synthetic writes and restarts included), measured")
+		}
 		if f.promPath != "" {
 			wl.Notes = append(wl.Notes, fmt.Sprintf("the snapshot's workload is measured (and verified) as simulator profile %s at its rate per VM", f.profile))
 		}

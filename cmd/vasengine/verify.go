@@ -92,6 +92,12 @@ func (f *planFlags) planAtScale(in plan.Inputs, wl plan.Workload, drv driver, st
 		if w.BurstPerVM == 0 && first != nil && measureBurst {
 			w.BurstPerVM = float64(first.burst)
 		}
+		if _, replayed := drv.(*traceDriver); replayed && first != nil {
+			// A replay submits more than the trace's events (synthetic
+			// writes for pages hooked before their Page record; each loop
+			// starts its VMs again): the rate per VM is what it made.
+			w.RatePerVM = first.pt.Achieved / float64(first.vms)
+		}
 		guess := in
 		guess.Curve = plan.Curve{Points: sc.curve()}
 		guess.Workload = w
