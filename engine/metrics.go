@@ -156,11 +156,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	m(dStaleReads, counterType, float64(st.StaleReads))
 	m(dResyncs, counterType, float64(st.Resyncs))
 	m(dSteals, counterType, float64(st.Steals))
+	// A map of its own: the latency histogram sent above keeps its map
+	// (the registry may write it out after Collect went on).
 	st.SyncStall.Cumulative(c.bounds, cum)
+	stall := make(map[float64]uint64, len(cum))
 	for i, b := range LatencyBuckets {
-		buckets[b] = cum[i]
+		stall[b] = cum[i]
 	}
-	ch <- prometheus.MustNewConstHistogram(dStall, st.SyncStall.Count(), float64(st.SyncStall.Sum())/1e9, buckets)
+	ch <- prometheus.MustNewConstHistogram(dStall, st.SyncStall.Count(), float64(st.SyncStall.Sum())/1e9, stall)
 	m(dVerdicts, counterType, float64(st.Allowed), "allow")
 	m(dVerdicts, counterType, float64(st.Denied), "deny")
 	m(dSpin, counterType, st.Spin.Seconds())

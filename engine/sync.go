@@ -76,7 +76,8 @@ func (s *Syncer) SubmitOne(ev shard.Event) (shard.Verdict, error) {
 // entries' old bytes in guest memory and submits that restoring write
 // (synchronously), so the engine's state and callback stream end as if the
 // write had been made and reverted. Errors are those of Engine.Submit, and
-// ErrReentrant from a callback. The stall, from the earliest trap of evs
+// ErrReentrant from a callback, ErrClosed if the engine was closed before
+// the closure was done. The stall, from the earliest trap of evs
 // (their Trap, or the call if none has one) to the return, is recorded
 // (Stats.SyncStall).
 func (s *Syncer) Submit(evs []shard.Event) (shard.Verdict, error) {
@@ -95,6 +96,11 @@ func (s *Syncer) Submit(evs []shard.Event) (shard.Verdict, error) {
 	_, err := e.submit(s.vm, evs, s.h, s.t)
 	s.drive()
 	e.stall.Record(shard.Now() - trap)
+	if err == nil && s.t.Pending() > 0 {
+		// The engine was closed while the closure was being done: the
+		// write was not seen through, so it is not allowed either.
+		err = ErrClosed
+	}
 	if err != nil {
 		return shard.Allow, err
 	}

@@ -125,9 +125,6 @@ func (p *watchProt) Unprotect(gpa uint64) error {
 	return p.Protections.Unprotect(gpa)
 }
 
-// Debug notes the monitor's structural steps in the trace (tests only).
-var Debug bool
-
 // Run runs one schedule and returns its statistics, or the first violation
 // found (with the schedule's last steps).
 func Run(cfg Config) (Stats, error) {
@@ -160,10 +157,6 @@ func Run(cfg Config) (Stats, error) {
 		w.vms = append(w.vms, w.newVM(vasmon.VMID(i+1), m))
 	}
 	w.s.onStep = w.schedStep
-	if Debug {
-		vasmon.DebugTrace = func(f string, a ...any) { w.s.note(f, a...) }
-		defer func() { vasmon.DebugTrace = nil }()
-	}
 	w.ctl = w.s.spawn("controller", w.control)
 	err = w.s.run()
 	w.stats.Steps = w.s.steps

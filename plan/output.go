@@ -75,6 +75,26 @@ func (p *Plan) WriteTable(w io.Writer) error {
 	for _, n := range wl.Notes {
 		fmt.Fprintf(&b, "  note: %s\n", n)
 	}
+	if l := p.Limits; l.MaxRate > 0 || l.Share > 0 {
+		b.WriteString("  per-VM limits:")
+		if l.MaxRate > 0 {
+			fmt.Fprintf(&b, " at most %s events/s (burst %.0f): every VM is planned at its limit, whatever its workload", SI(l.MaxRate), l.MaxBurst)
+			if wl.RatePerVM > l.MaxRate {
+				fmt.Fprintf(&b, " (this workload's %s events/s would be throttled to it)", SI(wl.RatePerVM))
+			}
+			if l.Share > 0 {
+				b.WriteString(";")
+			}
+		}
+		if l.Share > 0 {
+			fmt.Fprintf(&b, " a share of %d events of each shard queue per VM (fair ingest gives each of n VMs queue depth / 2n)", l.Share)
+			burst := p.Constraints[1].Need // Queues: the burst, limited
+			if per := burst / float64(max(p.Shards, 1)); per > float64(l.Share) {
+				fmt.Fprintf(&b, "; a burst of %.0f events is about %.0f per shard, more than the share: such bursts wait once a queue is half full", burst, per)
+			}
+		}
+		b.WriteString("\n")
+	}
 
 	fmt.Fprintf(&b, "\nhost: %d shards x queue depth %d, %s for tables at %s per table; headroom %.0f%% of each resource kept free\n",
 		p.Shards, p.QueueDepth, Bytes(p.MemBytes), Bytes(p.BytesPerTable), 100*p.Headroom)
@@ -94,6 +114,8 @@ func (p *Plan) WriteTable(w io.Writer) error {
 			have = Bytes(c.Have)
 		case Queues:
 			need = fmt.Sprintf("%.0f events burst", c.Need)
+		case QueueShare:
+			need, have = fmt.Sprintf("2 x %d events", p.Limits.Share), fmt.Sprintf("%d events per shard (no headroom)", int(c.Have))
 		case VMSlots:
 			need, have = "1 slot", fmt.Sprintf("%d slots (no headroom)", int(c.Have))
 		}
@@ -110,6 +132,9 @@ func (p *Plan) WriteTable(w io.Writer) error {
 	tw.Flush()
 	b.WriteString("  cpu: rate within the budget / rate per VM; queues: a burst of every VM at once fits in the queues\n" +
 		"  (draining ignored); memory: tables per VM x bytes per table; vm slots: the engine's MaxVMs\n")
+	if p.Limits.Share > 0 {
+		b.WriteString("  queue share: fair ingest gives each VM queue depth / (2 x VMs) of every shard queue\n")
+	}
 	bind := p.Constraints[p.Binding].Name
 	switch {
 	case p.VMs == Unbounded:

@@ -32,6 +32,16 @@
 //	memory:   floor(memory × (1−headroom) / (tables per VM × bytes per table))
 //	vm slots: the engine's Config.MaxVMs
 //
+// Per-VM limits (Limits: vasengine run -vm-max-rate, -vm-share) change
+// what one VM may cost, whatever its workload: with a rate limit every VM
+// may submit up to it, so the cpu constraint needs the limit per VM (the
+// plan then holds whatever the guests do), and a VM's burst is at most the
+// limit's burst plus a window of its rate; with a queue share S every VM
+// is guaranteed S events of each shard queue by the engine's fair ingest,
+// which gives each of n VMs queue depth / (2n):
+//
+//	queue share: floor(queue depth / (2 × S))   (no headroom: a guarantee)
+//
 // and the plan is the smallest (the binding constraint); a resource the
 // workload does not use is Unbounded. vCPUs = VMs × vCPUs per VM.
 //
@@ -197,7 +207,15 @@ type Inputs struct {
 	MemBytes      float64  // host memory the tables may use
 	BytesPerTable float64  // host bytes per hooked table
 	MaxVMs        int      // engine VM slots (engine.Config.MaxVMs); 0: no limit
+	Limits        Limits   // per-VM limits; zero: none
 	Notes         []string // where the host's figures come from, for the report
+}
+
+// Limits are per-VM limits (see the package comment).
+type Limits struct {
+	MaxRate  float64 // events/s each VM may submit; 0: no limit
+	MaxBurst float64 // events a VM may submit at once above MaxRate (with MaxRate)
+	Share    int     // events of each shard queue guaranteed to every VM; 0: none asked
 }
 
 // Unbounded is the VM count of a constraint the workload does not use.
@@ -237,10 +255,11 @@ type Alternative struct {
 
 // Constraint names.
 const (
-	CPU     = "cpu"
-	Queues  = "queues"
-	Memory  = "memory"
-	VMSlots = "vm slots"
+	CPU        = "cpu"
+	Queues     = "queues"
+	QueueShare = "queue share"
+	Memory     = "memory"
+	VMSlots    = "vm slots"
 )
 
 // Compute checks the inputs and computes the plan.
@@ -261,14 +280,24 @@ func compute(in Inputs, withAlternatives bool) (*Plan, error) {
 		return nil, errors.New("rates, tables, bursts, memory and VM slots must not be negative")
 	case w.TablesPerVM > 0 && in.BytesPerTable == 0:
 		return nil, errors.New("bytes per table unknown")
+	case !(in.Limits.MaxRate >= 0 && in.Limits.MaxBurst >= 0) || in.Limits.Share < 0 || math.IsInf(in.Limits.MaxRate, 0):
+		return nil, errors.New("per-VM limits must be finite and not negative")
+	}
+	rate, burst := w.RatePerVM, w.BurstPerVM
+	if l := in.Limits; l.MaxRate > 0 {
+		rate = l.MaxRate
+		burst = min(burst, l.MaxBurst+l.MaxRate*BurstWindow.Seconds())
 	}
 	p := &Plan{Inputs: in}
 	p.RateWithin, p.Bounded = in.Curve.RateWithin(in.Budget)
 	keep := 1 - in.Headroom
 	p.Constraints = []Constraint{
-		{Name: CPU, Need: w.RatePerVM, Have: p.RateWithin * keep, Unit: "events/s"},
-		{Name: Queues, Need: w.BurstPerVM, Have: float64(in.Shards*in.QueueDepth) * keep, Unit: "queued events"},
+		{Name: CPU, Need: rate, Have: p.RateWithin * keep, Unit: "events/s"},
+		{Name: Queues, Need: burst, Have: float64(in.Shards*in.QueueDepth) * keep, Unit: "queued events"},
 		{Name: Memory, Need: w.TablesPerVM * in.BytesPerTable, Have: in.MemBytes * keep, Unit: "bytes"},
+	}
+	if s := in.Limits.Share; s > 0 {
+		p.Constraints = append(p.Constraints, Constraint{Name: QueueShare, Need: float64(2 * s), Have: float64(in.QueueDepth), Unit: "events of each shard queue"})
 	}
 	if in.MaxVMs > 0 {
 		p.Constraints = append(p.Constraints, Constraint{Name: VMSlots, Need: 1, Have: float64(in.MaxVMs), Unit: "VMs"})
@@ -284,7 +313,7 @@ func compute(in Inputs, withAlternatives bool) (*Plan, error) {
 	p.VCPUs = Unbounded
 	if p.VMs < Unbounded {
 		p.VCPUs = min(p.VMs*max(w.VCPUsPerVM, 1), Unbounded)
-		p.Load = float64(p.VMs) * w.RatePerVM
+		p.Load = float64(p.VMs) * rate
 		p.LoadP99 = in.Curve.P99At(p.Load)
 	}
 	p.Inversions = in.Curve.Inversions()
@@ -335,7 +364,7 @@ func fit(have, need float64) int {
 // Use is the fraction of c's resource, headroom included, that n VMs use.
 func (c *Constraint) Use(n int, headroom float64) float64 {
 	full := c.Have
-	if c.Name != VMSlots {
+	if c.Name != VMSlots && c.Name != QueueShare {
 		full /= 1 - headroom
 	}
 	if full <= 0 {

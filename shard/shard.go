@@ -541,8 +541,10 @@ func (s *Shard) settle(req *vasmon.Request, ticket uint16) {
 		rs.Unhooks.Add(-1)
 	}
 	// Only now, so that neither the root's waiter nor Engine.Sync sees
-	// the work as done before what it caused is counted.
+	// the work as done before what it caused is counted (the tables hooked
+	// included: Stats after Stop says none).
 	s.publishCounters()
+	s.tables.Store(int64(s.store.Tables()))
 	if rs.InFlight.Add(-1) == 0 {
 		s.sink.Settled(req.Root)
 	}

@@ -80,9 +80,6 @@ func (s *Store) countFlood(ph uint32, vm VMID, trap int64) {
 	}
 	p.polled, p.quiet, p.ft = true, 0, trap
 	s.polled = append(s.polled, ph)
-	if DebugTrace != nil {
-		DebugTrace("flooded page %#x of VM %d", p.pfn*PageSize, v.ID)
-	}
 	v.flooded.Add(1)
 	s.st.Floods++
 	_ = vm
@@ -146,9 +143,6 @@ func (s *Store) unpoll(ph uint32, out *Output) bool {
 // unpolled takes page ph off the polled list.
 func (s *Store) unpolled(v *VM, ph uint32) {
 	p := s.pages.at(ph)
-	if DebugTrace != nil {
-		DebugTrace("page %#x of VM %d trapped again", p.pfn*PageSize, v.ID)
-	}
 	p.polled = false
 	v.flooded.Add(-1)
 	for i, q := range s.polled {

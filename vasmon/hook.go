@@ -90,9 +90,6 @@ func (s *Store) emitUnhook(n *node, i int, e uint64, out *Output) bool {
 	}
 	ls.bits[i/64] &^= bit
 	r := n.root
-	if DebugTrace != nil {
-		DebugTrace("emit unhook from L%d va=%#x entry %d old=%#x", n.level, n.va, i, e)
-	}
 	out.Reqs = append(out.Reqs, Request{
 		Root: r, GPA: r.Mode.TableAddr(e), VA: r.Mode.EntryVA(n.va, int(n.level), i),
 		Level: n.level - 1, PGen: n.gen, Op: OpUnhook,
@@ -108,9 +105,6 @@ func (s *Store) emitUnhook(n *node, i int, e uint64, out *Output) bool {
 // request for every table it links.
 func (s *Store) Hook(req *Request, out *Output) HookResult {
 	res := s.hook(req, out)
-	if DebugTrace != nil {
-		DebugTrace("hook root %d L%d gpa=%#x va=%#x pgen=%d: %v", req.Root.ID, req.Level, req.GPA, req.VA, req.PGen, res)
-	}
 	return res
 }
 
@@ -197,9 +191,6 @@ func (s *Store) hook(req *Request, out *Output) HookResult {
 		}
 		if p.vw != nil {
 			w = p.vw.Load()
-		}
-		if DebugTrace != nil {
-			DebugTrace("hook on page %#x: word count %d seq %d npend %d", p.pfn*PageSize, guestmem.Count(w), p.seq, p.npend)
 		}
 		if p.vw != nil && !p.isCurrent(w) || p.vw == nil && p.npend > 0 {
 			{
@@ -340,9 +331,6 @@ func (r *Root) refuseN(n int64, req *Request) {
 // last table goes.
 func (s *Store) Unhook(req *Request, out *Output) {
 	nh := s.unhookTarget(req)
-	if DebugTrace != nil {
-		DebugTrace("unhook root %d L%d gpa=%#x va=%#x pgen=%d: found %v", req.Root.ID, req.Level, req.GPA, req.VA, req.PGen, nh != 0)
-	}
 	if nh == 0 {
 		s.st.UnhookMisses++
 		return
@@ -495,9 +483,6 @@ func (s *Store) Linked(req *Request) bool {
 // makes the second a duplicate, which is ignored).
 func (s *Store) dropped(req *Request, out *Output) {
 	h, i := s.parent(req)
-	if DebugTrace != nil {
-		DebugTrace("dropped root %d L%d gpa=%#x va=%#x: parent %v", req.Root.ID, req.Level, req.GPA, req.VA, h != 0)
-	}
 	if h == 0 {
 		return
 	}

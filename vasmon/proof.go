@@ -168,9 +168,6 @@ func (s *Store) proveNodes(ph uint32, also *atomic.Uint64, alsoWant uint64, out 
 // guest memory, and tells its parent (OpDropped).
 func (s *Store) dropNode(h uint32, out *Output) {
 	n := s.nodes.at(h)
-	if DebugTrace != nil {
-		DebugTrace("drop node root %d L%d va=%#x", n.root.ID, n.level, n.va)
-	}
 	s.st.StaleReads++
 	if int(n.level) < n.root.Mode.Levels() {
 		p := s.pages.at(n.page)
@@ -240,9 +237,6 @@ func (s *Store) resync(ph uint32, out *Output) bool {
 		return false
 	}
 	s.st.Resyncs++
-	if DebugTrace != nil {
-		DebugTrace("resync page %#x", p.pfn*PageSize)
-	}
 	p = s.pages.at(ph)
 	if p.refs == 0 {
 		return true

@@ -1894,7 +1894,7 @@ func TestRuleWriteFlood(t *testing.T) {
 		trap += 1000
 		write(other, 3, h.leaf(0x3000, 1))
 		r.take(false, ev{VA: vaX, Old: h.leaf(100<<12, 1), New: last, Size: kb4}, ev{VA: vaX + kb4, Old: 0, New: last, Size: kb4},
-			ev{VA: (vaX + uint64(mode.Entries(1))*kb4) &^ (uint64(mode.Entries(1))*kb4 - 1) + 3*kb4, Old: 0, New: h.leaf(0x3000, 1), Size: kb4})
+			ev{VA: (vaX+uint64(mode.Entries(1))*kb4)&^(uint64(mode.Entries(1))*kb4-1) + 3*kb4, Old: 0, New: h.leaf(0x3000, 1), Size: kb4})
 		// Quiet: after 3 reads that find nothing new, trapped again.
 		for k := 0; k < 4 && vm.Flooded() > 0; k++ {
 			trap += 1000

@@ -392,10 +392,6 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 		pageEnd := (gpa | (PageSize - 1)) + 1
 		partEnd := min(end, pageEnd)
 		ph := s.findPage(vm, gpa/PageSize)
-		if ph != 0 && DebugTrace != nil {
-			p := s.pages.at(ph)
-			DebugTrace("write vm %d gpa=%#x size=%d ver=%d rseq=%d seq=%d", vm, gpa, partEnd-gpa, ver, p.rseq, p.seq)
-		}
 		if ph != 0 {
 			p := s.pages.at(ph)
 			switch {
@@ -540,9 +536,6 @@ func (s *Store) step(h uint32, i int, old, new uint64, out *Output) bool {
 	level := int(n.level)
 	ok, nk := m.Classify(old, level), m.Classify(new, level)
 	relevant := false
-	if DebugTrace != nil {
-		DebugTrace("step root %d L%d va=%#x entry %d: %#x -> %#x", r.ID, n.level, n.va, i, old, new)
-	}
 	if ok == KindTable && (nk != KindTable || m.TableAddr(old) != m.TableAddr(new)) && s.emitUnhook(n, i, old, out) {
 		relevant = true
 	}

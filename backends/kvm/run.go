@@ -61,6 +61,9 @@ type Config struct {
 	Iterations uint64
 	Duration   time.Duration
 	FirstID    vasmon.VMID // ID of the first guest; 0: 1
+	// Sync submits every trapped write synchronously (VMConfig.Sync; trap
+	// mode only).
+	Sync bool
 }
 
 // Summary is what Run did.
@@ -151,7 +154,7 @@ func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request
 	var errs []error
 	for i := 0; i < cfg.VMs; i++ {
 		vm, err := NewVM(host, req, VMConfig{ID: cfg.FirstID + vasmon.VMID(i), Paging: modes[i%len(modes)], VCPUs: cfg.VCPUs,
-			Seed: cfg.Seed + uint64(i), Iterations: cfg.Iterations, Mode: cfg.Mode})
+			Seed: cfg.Seed + uint64(i), Iterations: cfg.Iterations, Mode: cfg.Mode, Sync: cfg.Sync})
 		if err != nil {
 			errs = append(errs, err)
 			break
@@ -190,6 +193,9 @@ func Run(ctx context.Context, host engine.Host, cfg Config, req backends.Request
 
 func (t *VMStats) add(s VMStats) {
 	t.Traps += s.Traps
+	t.SyncWrites += s.SyncWrites
+	t.Denied += s.Denied
+	t.Windows += s.Windows
 	t.Submitted += s.Submitted
 	t.Rejected += s.Rejected
 	t.Reads += s.Reads

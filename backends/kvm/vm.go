@@ -32,6 +32,20 @@ type VMConfig struct {
 	Mode       Mode        // Trap (default) or Dirty
 	// Null applies trapped writes but submits nothing (benchmark baseline).
 	Null bool
+	// Sync submits each trapped write synchronously (trap mode;
+	// SEMANTICS.md section 7): the vCPU's thread, still out of KVM_RUN,
+	// waits in a Syncer (backends.NewSyncer) until the write's closure is
+	// done, so the guest never runs on a translation the engine has not
+	// seen. The VM's write lock is held meanwhile: its other vCPUs' traps
+	// wait too (they would have to, for the order of writes to one
+	// entry). If the write's callbacks deny it, its store is not
+	// committed: the old entry is put back (a whole-entry store, stamped)
+	// and submitted synchronously too, before the shadow zap and the
+	// vCPU's return to the guest. Other vCPUs of the VM may read the
+	// denied entry in guest memory meanwhile (a load of the table page,
+	// or KVM building a shadow from it on a fault: the zap after the
+	// restore drops that shadow): this backend does not pause them.
+	Sync bool
 	// OnStart, if set, is called on the announcing vCPU's thread right after
 	// a root is started, while that vCPU is stopped (tests take the initial
 	// walk here).
@@ -50,11 +64,18 @@ type VMConfig struct {
 
 // VMStats are a VM's counters.
 type VMStats struct {
-	ID                         vasmon.VMID
-	Paging                     vasmon.Mode // the guest's paging mode
-	Traps                      uint64      // trapped page-table writes applied (trap mode)
-	Submitted, Rejected        uint64      // events given to the engine, and refused by it
-	Reads                      uint64      // MMIO reads served (slot momentarily absent)
+	ID                 vasmon.VMID
+	Paging             vasmon.Mode // the guest's paging mode
+	Traps              uint64      // trapped page-table writes applied (trap mode)
+	SyncWrites, Denied uint64      // writes submitted synchronously (restores included); denied and not committed
+	// Windows counts trapped writes that linked a table (an entry
+	// pointing into the page-table pool) whose page was still not
+	// write-protected when the vCPU went back to the guest: the guest
+	// then runs on a link the engine has not hooked, and its writes into
+	// that table are not trapped until the hook lands. 0 with Sync.
+	Windows                    uint64
+	Submitted, Rejected        uint64 // events given to the engine, and refused by it
+	Reads                      uint64 // MMIO reads served (slot momentarily absent)
 	IOExits, IntrExits         uint64
 	RootsStarted, RootsStopped uint64
 	Checks                     uint64 // guest read-back checks passed (reported at the end)
@@ -117,7 +138,7 @@ type VM struct {
 	stopping atomic.Bool
 	st       struct {
 		traps, submitted, rejected, reads, io, intr, started, stopped, flips, flipNs, flipMax,
-		checks, ops, harvests, dirtyPages, zaps atomic.Uint64
+		checks, ops, harvests, dirtyPages, zaps, syncWrites, denied, windows atomic.Uint64
 	}
 	elapsed time.Duration
 }
@@ -130,8 +151,9 @@ type vcpu struct {
 	tid   atomic.Int32
 	done  bool
 	ev    [1]shard.Event
-	ring  []byte // dirty ring (dirty mode)
-	next  uint32 // next ring entry to harvest
+	sync  backends.Syncer // VMConfig.Sync; made at the first trap
+	ring  []byte          // dirty ring (dirty mode)
+	next  uint32          // next ring entry to harvest
 
 	lastTrap int64 // cfg.timing: shard.Now of the last trapped write's exit
 }
@@ -147,6 +169,9 @@ func NewVM(host engine.Host, req backends.Request, cfg VMConfig) (*VM, error) {
 	}
 	if req.Callback == nil {
 		req.Callback = func(any, uint64, uint64, uint64, uint64) {}
+	}
+	if cfg.Sync && cfg.Mode == Dirty {
+		return nil, errors.New("kvm: synchronous delivery needs trap mode (dirty mode sees writes only after the fact)")
 	}
 	vm, err := newVM(cfg)
 	if err != nil {
@@ -553,12 +578,25 @@ func (v *vcpu) mmio(now int64) error {
 		}
 		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now,
 			Ver: ver, Ver2: ver2}
+		var t int64
 		if vm.cfg.timing {
-			t := shard.Now()
-			vm.submit(v.ev[:])
-			vm.submitNs = append(vm.submitNs, shard.Now()-t)
+			t = shard.Now()
+		}
+		if vm.cfg.Sync {
+			if err := v.syncWrite(gpa, old, esz); err != nil {
+				vm.writeMu.Unlock()
+				return err
+			}
 		} else {
 			vm.submit(v.ev[:])
+		}
+		if vm.cfg.timing {
+			vm.submitNs = append(vm.submitNs, shard.Now()-t)
+		}
+		if e := vm.load(gpa&^(esz-1), int(esz)); e&vasmon.BitP != 0 {
+			if a := e & 0x000FFFFFFFFFF000; a >= poolPhys && a < poolPhys+poolPages*4096 && !vm.ver.Protected(a) {
+				vm.st.windows.Add(1)
+			}
 		}
 	}
 	vm.writeMu.Unlock()
@@ -566,6 +604,48 @@ func (v *vcpu) mmio(now int64) error {
 		return vm.zapShadows()
 	}
 	return nil
+}
+
+// syncWrite submits the write in v.ev synchronously (VMConfig.Sync), with
+// the VM's write lock held; if its callbacks deny it, it puts the entry's
+// old value (old, of esz bytes at the entry of gpa) back and submits that
+// restoring store synchronously too.
+func (v *vcpu) syncWrite(gpa, old, esz uint64) error {
+	vm := v.vm
+	if v.sync == nil {
+		sy, err := backends.NewSyncer(vm.host, vm.cfg.ID)
+		if err != nil {
+			return fmt.Errorf("kvm: VM %d vCPU %d: synchronous trap mode: %w", vm.cfg.ID, v.index, err)
+		}
+		v.sync = sy
+	}
+	verdict := v.syncOne()
+	if verdict != shard.Deny {
+		return nil
+	}
+	vm.st.denied.Add(1)
+	ea := gpa &^ (esz - 1)
+	ver, ver2 := vm.beginWrite(ea, uint32(esz))
+	cur := vm.load(ea, int(esz))
+	vm.storeBytes(ea, int(esz), old)
+	vm.endWrite(ea, uint32(esz), ver, ver2)
+	v.ev[0] = shard.Event{GPA: ea, Data: old, Old: cur, HasOld: true, Size: uint8(esz), Trap: shard.Now(), Ver: ver, Ver2: ver2}
+	v.syncOne() // a restore is not asked for a verdict: it always happens
+	return nil
+}
+
+// syncOne submits v.ev synchronously and returns its verdict (Allow if it
+// was refused).
+func (v *vcpu) syncOne() shard.Verdict {
+	vm := v.vm
+	verdict, err := v.sync.Submit(v.ev[:])
+	vm.st.submitted.Add(1)
+	vm.st.syncWrites.Add(1)
+	if err != nil {
+		vm.st.rejected.Add(1)
+		return shard.Allow
+	}
+	return verdict
 }
 
 // beginWrite marks a trapped write of n bytes at gpa as in progress on the
@@ -717,7 +797,7 @@ func (vm *VM) Roots() []*vasmon.Root {
 // Stats returns the VM's counters.
 func (vm *VM) Stats() VMStats {
 	s := &vm.st
-	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
+	return VMStats{ID: vm.cfg.ID, Paging: vm.cfg.Paging, Traps: s.traps.Load(), SyncWrites: s.syncWrites.Load(), Denied: s.denied.Load(), Windows: s.windows.Load(), Submitted: s.submitted.Load(), Rejected: s.rejected.Load(),
 		Reads: s.reads.Load(), IOExits: s.io.Load(), IntrExits: s.intr.Load(),
 		RootsStarted: s.started.Load(), RootsStopped: s.stopped.Load(), Checks: s.checks.Load(), Ops: s.ops.Load(),
 		Zaps: s.zaps.Load(), Flips: s.flips.Load(), FlipTime: time.Duration(s.flipNs.Load()), FlipMax: time.Duration(s.flipMax.Load()),
@@ -759,6 +839,10 @@ func (vm *VM) release() {
 
 // release unmaps the vCPU's ring and run area and closes its fd.
 func (v *vcpu) release() {
+	if v.sync != nil {
+		v.sync.Close()
+		v.sync = nil
+	}
 	if v.ring != nil {
 		_ = unix.Munmap(v.ring)
 		v.ring = nil

@@ -40,17 +40,20 @@ type figure struct {
 	roots                      qemu.RootStats
 	callbacks                  uint64
 	p50, p99, p999, max        time.Duration
+	stall50, stall99, held     time.Duration // sync: the engine's stall (Syncer.Submit), the plugin's mean hold
+	giveUps                    uint64
 	drops                      uint64
 }
 
 // TestFigures measures the README's figures; it runs only with
 // VASENGINE_QEMU_FIGURES=1 (about a minute). The same fixed workload
 // (FIG_WORKLOAD rounds FIG_ROUNDS, FIG_JOBS copies; default fork, 150, 1) runs
-// three times: without the plugin, with the plugin and a null consumer
-// (records drained and discarded, nothing protected beyond the sampling),
-// and with the engine (FIG_SHARDS shards, unpinned; default 2). With
-// FIG_REPEAT=n (default 1) the three runs are repeated n times, in turn, and
-// the engine run is compared with the null consumer on each mode's median
+// four times: without the plugin, with the plugin and a null consumer
+// (records drained and discarded, nothing protected beyond the sampling:
+// the plugin alone), with the engine (FIG_SHARDS shards, unpinned; default
+// 2), and with the engine and synchronous delivery (Config.Sync). With
+// FIG_REPEAT=n (default 1) the runs are repeated n times, in turn, and the
+// engine runs are compared with the null consumer on each mode's median
 // run (by workload time), which a shared machine's changing load moves less.
 func TestFigures(t *testing.T) {
 	if os.Getenv("VASENGINE_QEMU_FIGURES") == "" {
@@ -60,7 +63,7 @@ func TestFigures(t *testing.T) {
 	base := qemu.Config{Workload: os.Getenv("FIG_WORKLOAD"), Rounds: envInt("FIG_ROUNDS", 150), Jobs: envInt("FIG_JOBS", 1)}
 	shards := envInt("FIG_SHARDS", 2)
 	var figs []figure
-	modes := []string{"no plugin", "null consumer", "engine"}
+	modes := []string{"no plugin", "null consumer", "engine", "sync"}
 	if m := os.Getenv("FIG_MODES"); m != "" { // for profiling one mode
 		modes = strings.Split(m, ",")
 	}
@@ -72,12 +75,13 @@ func TestFigures(t *testing.T) {
 		cfg := base
 		cfg.NoPlugin = mode == "no plugin"
 		cfg.NullConsumer = mode == "null consumer"
+		cfg.Sync = mode == "sync"
 		var e *engine.Engine
 		var host engine.Host
 		var calls atomic.Uint64
 		req := backends.Request{Monitored: backends.DefaultMonitored,
 			Callback: func(any, uint64, uint64, uint64, uint64) { calls.Add(1) }}
-		if mode == "engine" {
+		if mode == "engine" || mode == "sync" {
 			var err error
 			if e, err = engine.New(engine.Config{Shards: shards, NoPin: true}); err != nil {
 				t.Fatal(err)
@@ -91,6 +95,7 @@ func TestFigures(t *testing.T) {
 			f.callbacks = calls.Load()
 			f.p50, f.p99 = time.Duration(st.Latency.Quantile(0.5)), time.Duration(st.Latency.Quantile(0.99))
 			f.p999, f.max = time.Duration(st.Latency.Quantile(0.999)), time.Duration(st.Latency.Max())
+			f.stall50, f.stall99 = time.Duration(st.SyncStall.Quantile(0.5)), time.Duration(st.SyncStall.Quantile(0.99))
 			e.Close()
 		}
 		figs = append(figs, f)
@@ -113,13 +118,25 @@ func TestFigures(t *testing.T) {
 			f.mode, sec, f.qemuCPU.Seconds(), f.goCPU.Seconds(), float64(f.stores)/sec/1e6, float64(f.tableStores)/sec,
 			100*float64(f.narrow)/max(float64(f.tableStores), 1), float64(f.records)/sec,
 			float64(f.records)/f.qemuCPU.Seconds(), f.roots.Started, f.drops)
-		if f.mode == "engine" {
-			t.Logf("engine: %d events submitted, %d callbacks; callback latency p50 %v p99 %v p99.9 %v max %v",
-				f.submitted, f.callbacks, f.p50, f.p99, f.p999, f.max)
+		if f.mode == "engine" || f.mode == "sync" {
+			t.Logf("%s: %d events submitted, %d callbacks; callback latency p50 %v p99 %v p99.9 %v max %v",
+				f.mode, f.submitted, f.callbacks, f.p50, f.p99, f.p999, f.max)
+		}
+		if f.mode == "sync" {
+			t.Logf("sync: engine stall p50 %v p99 %v; vCPU held %v per store on average; %d holds given up", f.stall50, f.stall99, f.held, f.giveUps)
+			if f.giveUps != 0 {
+				t.Errorf("sync: %d holds given up", f.giveUps)
+			}
 		}
 		if f.drops != 0 {
 			t.Errorf("%s: %d drops", f.mode, f.drops)
 		}
+	}
+	if f, ok := med["sync"]; ok && hasNull {
+		e := med["engine"]
+		t.Logf("sync run vs null consumer: workload time %+.1f%%, QEMU CPU %+.1f%%; vs the engine run: workload time %+.1f%% (medians %.2fs, %.2fs, %.2fs)",
+			100*(f.workload.Seconds()/null.workload.Seconds()-1), 100*(f.qemuCPU.Seconds()/null.qemuCPU.Seconds()-1),
+			100*(f.workload.Seconds()/e.workload.Seconds()-1), null.workload.Seconds(), e.workload.Seconds(), f.workload.Seconds())
 	}
 	if f, ok := med["engine"]; ok && hasNull {
 		if len(figs) > len(modes) {
@@ -172,7 +189,7 @@ func measure(t *testing.T, host engine.Host, cfg qemu.Config, req backends.Reque
 	return figure{workload: s.Workload, wall: s.Wall, qemuCPU: q1 - q0, goCPU: cpu1 - cpu0,
 		stores: c1.Stores - c0.Stores, records: c1.Records - c0.Records, submitted: s.Submitted,
 		tableStores: s1.TableStores - s0.TableStores, narrow: s1.NarrowStores - s0.NarrowStores,
-		roots: s.Roots, drops: s.Plugin.Drops}
+		roots: s.Roots, drops: s.Plugin.Drops, held: time.Duration(s.Plugin.HeldNs / max(s.Synced, 1)), giveUps: s.Plugin.GiveUps}
 }
 
 const figureTimeout = 3 * time.Minute

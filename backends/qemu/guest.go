@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,6 +31,12 @@ const drainBatch = 512
 // drainPoll is how long the drainer sleeps when the ring is empty.
 const drainPoll = 50 * time.Microsecond
 
+// unversioned makes guests give the engine their RAM without the plugin's
+// version words (the plugin still keeps them), as before the engine could
+// prove its reads: only for showing what the proofs prevent (phantom
+// callbacks); tests set it through export_test.go.
+var unversioned bool
+
 // Guest is one running QEMU guest monitored on an engine.Host.
 type Guest struct {
 	ID   vasmon.VMID
@@ -39,7 +46,15 @@ type Guest struct {
 
 	dir      string
 	ram      *ram
-	ctl      *control // nil with NoPlugin
+	mem      vasmon.Memory // what the engine reads: ram with the plugin's version words
+	phantoms phantoms      // callbacks no Linux guest could have caused
+	ctl      *control      // nil with NoPlugin
+	pages    *pages        // the protected pages as the backend knows them (nil with NoPlugin)
+	syncer   Syncer        // with Config.Sync: the drainer's synchronous submitter
+	one      [1]shard.Event
+	det      *detector  // the reference kernel half: lifeMu
+	lifeMu   sync.Mutex // held by whoever starts or stops roots (see lifecycle)
+	pauseMu  sync.Mutex // held by whoever stops or lets run the vCPUs (QMP stop, cont)
 	qmp      *qmp
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -53,14 +68,16 @@ type Guest struct {
 	consoleMu           sync.Mutex
 	consoleTail         []string
 	paused              atomic.Bool
+	muted               atomic.Bool   // the drainer consumes nothing (tests: a Go side that stopped answering)
 	drained             atomic.Uint64 // records consumed and submitted
 	tableStores, narrow atomic.Uint64 // stores to protected pages (per page touched); of which narrower than 8 bytes
 	submitted, rejected atomic.Uint64
+	synced, denied      atomic.Uint64 // synchronous submissions; of which denied
+	reverted, lost      atomic.Uint64 // denied stores reverted; denied stores that could not be
 	quitDrain, quitLife chan struct{}
 	drainDone, lifeDone chan struct{}
 	ops                 chan op
 	roots               *xsync.MapOf[uint64, *rootState] // by root page GPA
-	rootBits            []atomic.Uint64                  // root table pages, for the drainer
 	ls                  lifeStats                        // lifecycle counters
 	closeOnce           sync.Once
 	closeErr            error
@@ -82,7 +99,27 @@ type GuestStats struct {
 	// entries makes one record per entry. NarrowStores are those of fewer
 	// than 8 bytes (bit operations on an entry).
 	TableStores, NarrowStores uint64
-	Roots                     RootStats
+	// Phantoms are the callbacks reporting a present entry that maps or
+	// links a frame outside guest RAM, or sets bits reserved at its level
+	// (see CheckEntry): Linux writes no such entry, so each is a callback
+	// that was never true in the guest (SEMANTICS.md section 6, "No
+	// phantoms"). It must stay 0.
+	// Present counts the callbacks with a present new entry: those checked.
+	Phantoms, Present uint64
+	// With Config.Sync: Synced are the records submitted synchronously
+	// (their vCPU held until the engine was done), Denied those a callback
+	// denied, Reverted the denied stores whose entry the backend put back
+	// (and submitted so), Unreverted the denied stores it could not put
+	// back (their old value was not known, or the entry changed since):
+	// they took effect.
+	Synced, Denied, Reverted, Unreverted uint64
+	// Windows (Config.Windows) are the stores into a page after an entry
+	// record linked it and before the engine hooked it as a table: what
+	// the engine reads when it hooks the page instead of trapping it. 0
+	// with Config.Sync for Linux guests, whose writer of a link holds the
+	// page-table lock until its own stores into the new table.
+	Windows uint64
+	Roots   RootStats
 	// Boot is the time from starting QEMU to the workload's start; Workload
 	// from its start to its end (0 if it did not finish).
 	Boot, Workload, Wall time.Duration
@@ -116,11 +153,14 @@ func StartGuest(ctx context.Context, host engine.Host, id vasmon.VMID, cfg Confi
 	g := &Guest{ID: id, cfg: cfg, host: host, req: req, dir: dir, exited: make(chan struct{}),
 		quitDrain: make(chan struct{}), quitLife: make(chan struct{}), drainDone: make(chan struct{}),
 		lifeDone: make(chan struct{}), ops: make(chan op, 1024), roots: xsync.NewMapOf[uint64, *rootState](),
-		clockOff: clockOffset()}
+		clockOff: clockOffset(), det: &detector{cand: make(map[[512 - userEntries]uint64]uint64)}}
 	g.ctx, g.cancel = context.WithCancel(ctx)
 	ok := false
 	defer func() {
 		if !ok {
+			if g.syncer != nil {
+				g.syncer.Close()
+			}
 			if g.added {
 				_ = host.RemoveVM(context.Background(), id)
 			}
@@ -128,17 +168,31 @@ func StartGuest(ctx context.Context, host engine.Host, id vasmon.VMID, cfg Confi
 		}
 	}()
 	size := uint64(cfg.MemMB) << 20
-	if g.ram, err = newRAM(filepath.Join(dir, "ram"), size); err != nil {
+	if g.ram, err = newRAM(filepath.Join(dir, "ram"), size, cfg.Sync); err != nil {
 		return nil, err
 	}
-	g.rootBits = make([]atomic.Uint64, (size/vasmon.PageSize+63)/64)
+	g.mem = g.ram
 	if !cfg.NoPlugin {
-		if g.ctl, err = newControl(filepath.Join(dir, "ctl"), size, cfg.RingSlots); err != nil {
+		if g.ctl, err = newControl(filepath.Join(dir, "ctl"), size, cfg.RingSlots, cfg.Windows); err != nil {
 			return nil, err
+		}
+		g.pages = newPages(g.ram, g.ctl.vers, cfg.Sync && monitoring, cfg.Windows)
+		if !unversioned {
+			g.mem = versionedRAM{g.ram, g.ctl.vers}
 		}
 	}
 	if monitoring {
-		if err := host.AddVM(id, g.ram, protector{g.ctl}, 0); err != nil {
+		g.phantoms.ramBytes = size
+		g.req.Callback = g.phantoms.check(req.Callback)
+		if req.Options.Verdict != nil {
+			g.req.Options.Verdict = g.phantoms.checkVerdict(req.Options.Verdict)
+		}
+		if cfg.Sync {
+			if g.syncer, err = newSyncer(&cfg, host, id); err != nil {
+				return nil, err
+			}
+		}
+		if err := host.AddVM(id, g.mem, protector{g.ctl, g.pages}, 0); err != nil {
 			return nil, err
 		}
 		g.added = true
@@ -189,6 +243,7 @@ func StartGuest(ctx context.Context, host engine.Host, id vasmon.VMID, cfg Confi
 		return nil, fmt.Errorf("qemu: VM %d: the plugin did not attach; console:\n%s", id, g.tail())
 	}
 	if g.ctl != nil {
+		g.ctl.setSync(g.syncer != nil)
 		go g.drain()
 	} else {
 		close(g.drainDone)
@@ -213,11 +268,15 @@ func removeStale() {
 	}
 }
 
-// protector write-protects pages by setting their bits in the plugin's bitmap.
-type protector struct{ c *control }
+// protector write-protects pages by setting their protected bits in the
+// plugin's version words.
+type protector struct {
+	c *control
+	p *pages
+}
 
-func (p protector) Protect(gpa uint64) error   { return p.c.protect(gpa, true) }
-func (p protector) Unprotect(gpa uint64) error { return p.c.protect(gpa, false) }
+func (p protector) Protect(gpa uint64) error   { return p.c.protect(p.p, gpa, true) }
+func (p protector) Unprotect(gpa uint64) error { return p.c.protect(p.p, gpa, false) }
 
 // clockOffset returns CLOCK_MONOTONIC minus shard.Now(), in ns.
 func clockOffset() int64 {
@@ -297,8 +356,9 @@ func (g *Guest) QEMUCPU() time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
-// Memory returns the guest's RAM as the monitor reads it.
-func (g *Guest) Memory() vasmon.Memory { return g.ram }
+// Memory returns the guest's RAM as the monitor reads it (with the plugin's
+// version words: vasmon.Versioned).
+func (g *Guest) Memory() vasmon.Memory { return g.mem }
 
 // Counters returns the plugin's counters.
 func (g *Guest) Counters() Counters {
@@ -311,15 +371,42 @@ func (g *Guest) Counters() Counters {
 	return g.ctl.counters()
 }
 
-// drain moves records from the ring to the host, in ring order.
+// drain moves records from the ring to the host, in ring order. With
+// Config.Sync it submits each entry record synchronously and answers the
+// plugin, which holds the record's vCPU until then.
 func (g *Guest) drain() {
 	defer close(g.drainDone)
 	evs := make([]shard.Event, 0, drainBatch)
+	idle := int64(0) // when the ring was found empty (sync), 0: it was not
 	for {
+		if g.muted.Load() {
+			select {
+			case <-g.quitDrain:
+				return
+			case <-time.After(drainPoll):
+			}
+			continue
+		}
 		evs = evs[:0]
 		n := g.ctl.consume(drainBatch, func(r *record) {
-			if r.Kind == recPGD {
-				g.newPGD(r.GPA)
+			switch r.Kind & recKind {
+			case recPGD:
+				if g.syncer != nil {
+					// The vCPU that filled the new PGD is held until
+					// its root is started (or refused).
+					g.ls.births.Add(1)
+					g.lifeMu.Lock()
+					g.birth(r.GPA)
+					g.lifeMu.Unlock()
+					g.ctl.ack(r.VCPU, r.Seq)
+				} else {
+					g.newPGD(r.GPA)
+				}
+				return
+			case recWindow:
+				if g.cfg.Windows {
+					g.pages.window(r)
+				}
 				return
 			}
 			if r.GPA == r.StoreGPA&^7 { // the first entry the store touched on this page
@@ -329,7 +416,18 @@ func (g *Guest) drain() {
 				}
 			}
 			g.watchRoot(r)
-			evs = append(evs, shard.Event{GPA: r.GPA, Data: r.Val, RIP: r.RIP, Size: 8, Trap: r.TS - g.clockOff})
+			if g.cfg.Windows {
+				g.pages.link(r.Val)
+			}
+			ev := shard.Event{GPA: r.GPA, Data: r.Val, Size: 8, Trap: r.TS - g.clockOff, Ver: r.Ver}
+			if g.syncer == nil {
+				evs = append(evs, ev)
+				return
+			}
+			if !g.cfg.NullConsumer {
+				g.submitSync(r, ev)
+			}
+			g.ctl.ack(r.VCPU, r.Seq)
 		})
 		if n > 0 {
 			if !g.cfg.NullConsumer && len(evs) > 0 {
@@ -338,6 +436,7 @@ func (g *Guest) drain() {
 				g.rejected.Add(uint64(len(evs) - k))
 			}
 			g.drained.Add(uint64(n))
+			idle = 0
 			continue
 		}
 		select {
@@ -345,8 +444,64 @@ func (g *Guest) drain() {
 			return
 		default:
 		}
-		// Poll: no spinning (it would take the CPU from QEMU's vCPU threads).
-		time.Sleep(drainPoll)
+		if g.syncer == nil {
+			// Poll: no spinning (it would take the CPU from QEMU's
+			// vCPU threads).
+			time.Sleep(drainPoll)
+			continue
+		}
+		// A held vCPU waits for this goroutine: poll briefly, then sleep
+		// until the plugin rings (or drainPoll*20, for the records that
+		// hold no vCPU).
+		now := shard.Now()
+		if idle == 0 {
+			idle = now
+		}
+		if now-idle < int64(syncSpin) {
+			runtime.Gosched()
+			continue
+		}
+		g.ctl.waitBell(20 * drainPoll)
+	}
+}
+
+// syncSpin is how long the drainer polls an empty ring in sync mode before
+// it sleeps on the plugin's bell.
+const syncSpin = 20 * time.Microsecond
+
+// submitSync submits the entry record r as ev synchronously. If a callback
+// denies it, it puts the entry's old value back in guest RAM (a trapped
+// write of the backend's own, stamped on the page's version word) and
+// submits that synchronously too, before the plugin lets the vCPU go on.
+func (g *Guest) submitSync(r *record, ev shard.Event) {
+	old, known := g.pages.apply(r)
+	g.one[0] = ev
+	v, err := g.syncer.Submit(g.one[:])
+	g.synced.Add(1)
+	if err != nil {
+		g.rejected.Add(1)
+		return
+	}
+	g.submitted.Add(1)
+	if v != shard.Deny {
+		return
+	}
+	g.denied.Add(1)
+	var s uint32
+	if known {
+		s = g.pages.revert(r.GPA, r.Val, old)
+	}
+	if s == 0 {
+		g.lost.Add(1)
+		return
+	}
+	g.reverted.Add(1)
+	g.one[0] = shard.Event{GPA: r.GPA, Data: old, Size: 8, Trap: shard.Now(), Ver: s}
+	// The restoring write's own verdict is not asked: it always happens.
+	if _, err := g.syncer.Submit(g.one[:]); err != nil {
+		g.rejected.Add(1)
+	} else {
+		g.submitted.Add(1)
 	}
 }
 
@@ -356,8 +511,11 @@ func (g *Guest) drain() {
 // has seen every page-table write of the guest. Root discovery is suspended
 // until Resume.
 func (g *Guest) Pause(ctx context.Context) error {
+	g.pauseMu.Lock()
 	g.paused.Store(true)
-	if _, err := g.qmp.do("stop", nil); err != nil {
+	_, err := g.qmp.do("stop", nil)
+	g.pauseMu.Unlock()
+	if err != nil {
 		return err
 	}
 	return g.settle(ctx)
@@ -398,6 +556,8 @@ func (g *Guest) settle(ctx context.Context) error {
 
 // Resume lets a paused guest run on (QMP cont).
 func (g *Guest) Resume() error {
+	g.pauseMu.Lock()
+	defer g.pauseMu.Unlock()
 	_, err := g.qmp.do("cont", nil)
 	g.paused.Store(false)
 	return err
@@ -419,8 +579,11 @@ func (g *Guest) Close(ctx context.Context) error {
 		select {
 		case <-g.exited:
 		default:
+			g.pauseMu.Lock()
 			g.paused.Store(true)
-			if _, err := g.qmp.do("stop", nil); err != nil {
+			_, err := g.qmp.do("stop", nil)
+			g.pauseMu.Unlock()
+			if err != nil {
 				select {
 				case <-g.exited: // it was powering off
 				default:
@@ -433,8 +596,15 @@ func (g *Guest) Close(ctx context.Context) error {
 		}
 		close(g.quitLife)
 		<-g.lifeDone
+		if g.ctl != nil {
+			// Nobody answers holds any more: the vCPUs go on.
+			g.ctl.setSync(false)
+		}
 		close(g.quitDrain)
 		<-g.drainDone
+		if g.syncer != nil {
+			g.syncer.Close()
+		}
 		g.cancel()
 		unmap := true
 		if g.added {
@@ -481,10 +651,14 @@ func (g *Guest) cleanup(unmap bool) {
 // Stats returns the guest's counters.
 func (g *Guest) Stats() GuestStats {
 	s := GuestStats{VM: g.ID, Plugin: g.Counters(), Submitted: g.submitted.Load(), Rejected: g.rejected.Load(),
-		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(),
+		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(), Phantoms: g.phantoms.n.Load(), Present: g.phantoms.present.Load(),
+		Synced: g.synced.Load(), Denied: g.denied.Load(), Reverted: g.reverted.Load(), Unreverted: g.lost.Load(),
 		Roots: g.ls.snapshot(), Wall: time.Since(g.started)}
 	if g.closedAt != 0 {
 		s.Wall = g.closedAt
+	}
+	if g.pages != nil {
+		s.Windows = g.pages.windows.Load()
 	}
 	w, d := g.workAt.Load(), g.doneAt.Load()
 	s.Boot = time.Duration(w)

@@ -4,17 +4,21 @@
 //
 // # Contract
 //
-// Write protection is a bitmap of guest pages in a shared-memory control
-// file: the Protector sets and clears bits exactly where an EPT write hook
-// would be set and cleared. A QEMU plugin (plugin/ptstore.c, built into
-// ptstore.so in the cache folder, DefaultDir) tests every guest store to RAM against the bitmap
-// and, for a store to a protected page, pushes one record per 8-byte entry
-// the store touched: the entry's address and its whole value read from guest
-// RAM after the store. The backend submits each record as a shard.Event of
-// Size 8 at the aligned entry address with that value as Data (no HasOld: the
-// engine's shadow gives the old value), stamped with the plugin's time of the
-// store (Trap, on shard.Now's clock) and the storing instruction's address
-// (RIP). Events of one VM are submitted in ring order, which for records of
+// Write protection is the protected bit of each guest page's version word
+// (guestmem.Versions) in a shared-memory control file: the Protector sets
+// and clears it exactly where an EPT write hook would be set and cleared. A
+// QEMU plugin (plugin/ptstore.c, built into ptstore.so in the cache folder,
+// DefaultDir) tests every guest store to RAM against its page's word and,
+// for a store to a protected page, pushes one record per 8-byte entry the
+// store touched: the entry's address, its whole value read from guest RAM
+// after the store, and the store's stamp on the page's version word. The
+// backend submits each record as a shard.Event of Size 8 at the aligned
+// entry address with that value as Data (no HasOld: the engine's shadow
+// gives the old value), the stamp as Ver and the plugin's time of the store
+// (Trap, on shard.Now's clock). Stamped events go without the storing
+// instruction's address (RIP): the engine's duplicate test on RIPs would
+// drop a store repeated after its entry changed through a read; the stamps
+// tell deliveries apart. Events of one VM are submitted in ring order, which for records of
 // one entry is the order of their reads of guest RAM, so the last event of an
 // entry always carries its current value. The plugin never drops a record
 // unless the backend stops draining for 10 s (Counters.Drops, which must stay
@@ -25,15 +29,19 @@
 // where it is not). The legacy hole 0xA0000-0xFFFFF reads the file's bytes,
 // not the VGA/ROM the guest sees there; no page table lives there.
 //
-// Stale events. When the engine unhooks a page (Unprotect) while records
-// for it are still in the ring, then hooks it again, the hook reads guest
-// RAM, which is newer than those records. Each event therefore carries, as
-// shard.Event.Seen, the plugin's time stamp taken after it read the entry
-// (on shard.Now's clock, through a measured CLOCK_MONOTONIC offset): the
-// engine drops an event seen before the hook's read as already in it,
-// instead of moving the entry back in time (a missing or extra table,
-// a missed leaf). The Submit time would be too late for that: records
-// wait in the ring.
+// Versions. The guest's Memory is vasmon.Versioned: its version words are
+// the control file's, which the plugin and the Protector share. Memory
+// callbacks run after a store reached guest RAM, so the plugin counts each
+// entry record as a trapped write begun and ended at once after the store
+// (guestmem.Versions.Trap) and stamps the record with it; the Protector's
+// protect and unprotect count as changes. With them the engine proves every
+// read of guest RAM against the guest's concurrent stores: a record already
+// in a read of its page (the page was unhooked while its records waited in
+// the ring, then hooked again and read) is dropped as stale instead of
+// moving the entry back in time, and a newly linked table read after the
+// guest unlinked, freed and reused its page is not reported nor hooked
+// (SEMANTICS.md section 6, "No phantoms"). Every callback's new entry is
+// checked against what Linux can write (CheckEntry; GuestStats.Phantoms).
 //
 // Accessed/Dirty bits are set by QEMU's MMU without a store callback, so they
 // must not be monitored (backends.DefaultMonitored leaves them out). Stores
@@ -51,21 +59,77 @@
 //   - starts the roots of the sampled CR3s whose page holds the reference
 //     kernel half and a present user entry (the processes that existed
 //     before the reference was known: init and the workload's shells);
-//   - publishes entry 511 of the reference to the plugin, which reports
-//     every store completing a page whose last entry then holds that
-//     value: a new PGD, just filled by pgd_alloc. The backend checks the
-//     whole kernel half and starts the root at once, before the kernel
+//   - publishes the reference kernel half to the plugin, which reports
+//     every store into a page's kernel half that leaves it equal to the
+//     reference: a new PGD, just filled by pgd_alloc (forwards or
+//     backwards: Linux's memcpy copies backwards for some alignments, so
+//     entry 511 is not always the last stored). The backend checks the
+//     kernel half again and starts the root at once, before the kernel
 //     links any user table into it, so every address space created after
 //     boot is monitored from birth, however short its life.
 //
 // Roots are 4- or 5-level (from CR0, CR4 and EFER of the sampled vCPUs).
 // A root is stopped when its page stops being a live PGD:
-//   - a write to its kernel half (entries 256-511): Linux never changes the
-//     kernel half of a live PGD on x86-64 6.1 (absent memory hotplug), so the
-//     page was freed and is being reused (zeroed, or re-initialised as a PGD);
+//   - a write to its kernel half (entries 256-511) of a value other than
+//     the reference's: Linux never changes the kernel half of a live PGD on
+//     x86-64 6.1 (absent memory hotplug), so the page was freed and is being
+//     reused (zeroed, or re-initialised as a PGD);
 //   - a write that leaves its user half without a present entry: exit_mmap
 //     clears the user half when the process exits or execs;
 //   - a periodic re-check (every 100 ms) finds its kernel half changed.
+//
+// The first two are decided by the plugin at the store itself (the backend
+// marks root pages in the control file): it write-unprotects the page there
+// and then, before the guest can free and reuse it, so that the engine,
+// running behind the guest, neither reports nor hooks anything from what the
+// page holds afterwards (its proofs go through no unprotected page); the
+// backend then stops the root.
+//
+// # Synchronous delivery
+//
+// With Config.Sync (SEMANTICS.md section 7; issue 14) the plugin holds the
+// vCPU that stored into a protected page, inside the store's memory
+// callback, until the backend has submitted the record through an
+// engine.Syncer and the engine has done the store's closure (every hook,
+// unhook and callback it caused, on every shard); the backend then answers
+// the plugin through the vCPU's ack word in the control file. The vCPU
+// polls the word for 20 us, then sleeps on it (a futex shared by the two
+// processes); the drainer likewise sleeps on the plugin's bell when the ring
+// is empty. A hold ends without an answer after 10 s, and at once when the
+// Go process is found gone (the plugin then turns holds off), so a dead
+// backend never hangs QEMU; Counters.GiveUps counts such holds (0 in a
+// healthy run). The vCPU that completes a new PGD is held too, until its
+// root is started, so that no table linked into it goes unhooked; a root
+// found by sampling a CR3 instead is started with the vCPUs stopped (QMP
+// stop, cont), so that its Start reads and hooks the tables while no store
+// can go unseen.
+//
+// If a callback denies the store (RootOptions.Verdict), the backend puts
+// the entry's old value back in guest RAM before it answers, as a trapped
+// write of its own (stamped on the page's version word), and submits that
+// write synchronously: the engine's state and callback stream end as if
+// the store had been made and reverted, with guest memory unchanged. The
+// old value comes from the backend's copy of every protected page, taken
+// when the page is protected and kept from the records (the plugin runs
+// after the store and cannot see the old bytes); a store stamped within
+// that copy, or an entry changed again before the revert, cannot be
+// reverted (GuestStats.Unreverted).
+//
+// What the other vCPUs see. QEMU 7.2 calls the plugin after the store has
+// reached guest RAM, so a held vCPU's store is already visible to the
+// other vCPUs, which run on: they may read the new entry and translate
+// through it (their page walks read guest RAM directly, without a
+// callback), and they may store into a table the held store linked before
+// the engine hooks it (such a store is not trapped, but the hook's read of
+// the table includes it). Linux makes both rare: the writer of a link holds
+// the page-table lock until it returns from the callback, so no other vCPU
+// fills the new table meanwhile (GuestStats.Windows counts such stores;
+// the tests find none with Sync). A denied store is visible to the others
+// until it is reverted, and a translation they cached from it (QEMU's
+// soft TLB) outlives the revert until the guest flushes it. Stores of other
+// vCPUs to protected pages are held each in turn: the drainer submits the
+// records one at a time, in ring order. Only the writing vCPU is held; the
+// guest stays consistent as on hardware where one CPU stalls on a store.
 //
 // # Guests
 //
@@ -114,6 +178,20 @@ type Config struct {
 	SampleEvery time.Duration
 	// RingSlots is the record ring's capacity (a power of two); 0: 1<<18.
 	RingSlots int
+
+	// Sync delivers every page-table store synchronously (SEMANTICS.md
+	// section 7; see "Synchronous delivery" above): the plugin holds the
+	// storing vCPU until the engine has done the store's closure, and a
+	// store a callback denies (RootOptions.Verdict) is reverted.
+	Sync bool
+	// NewSyncer returns the synchronous submitter of a VM's writes for
+	// Sync; nil: the host's own (an *engine.Engine; another host is an
+	// error, ErrNoSync).
+	NewSyncer func(vm vasmon.VMID) (Syncer, error)
+	// Windows counts the stores into a page after it was linked and before
+	// the engine hooked it (GuestStats.Windows), at the cost of a bitmap
+	// test per store to an unprotected page.
+	Windows bool
 
 	// NullConsumer drains the ring but submits nothing and starts no root:
 	// the plugin-only baseline. host may then be nil.

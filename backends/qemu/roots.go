@@ -12,8 +12,12 @@ import (
 )
 
 // Root discovery and retirement for Linux x86-64 guests (see the package
-// comment). The lifecycle goroutine owns starting and stopping; the drainer
-// only flags roots whose table page it sees rewritten.
+// comment). The lifecycle goroutine starts and stops roots; the drainer
+// flags roots whose table page it sees rewritten, and with Config.Sync
+// starts the roots of new PGDs itself while their vCPU is held. Both hold
+// Guest.lifeMu while they start or stop roots, never while they talk to
+// QEMU (QMP): a QMP stop waits for the held vCPUs, which wait for the
+// drainer.
 
 const (
 	userEntries  = 256 // root entries below this are the user half (4- and 5-level)
@@ -102,34 +106,25 @@ func (g *Guest) Roots() []Root {
 	return out
 }
 
-func (g *Guest) setRootBit(gpa uint64, on bool) {
-	pfn := gpa / vasmon.PageSize
-	w, bit := &g.rootBits[pfn/64], uint64(1)<<(pfn%64)
-	if on {
-		w.Or(bit)
-	} else {
-		w.And(^bit)
-	}
-}
-
-// watchRoot runs on the drainer for every record: it flags a root whose
-// table page stops being a live PGD.
+// watchRoot runs on the drainer for every record: it flags the root whose
+// table page the plugin found no longer a live PGD at the record's store.
+//
+// The plugin decides, not the drainer: it sees the guest's stores as they
+// happen, while the drainer and the engine run behind the guest, which may
+// meanwhile have freed the page and reused it (as data, or as a table of
+// another address space). At the store that ends the root, the plugin
+// write-unprotects the page (its version word counts the change) and clears
+// its root bit; from then on the engine proves nothing through the page
+// (vasmon: a page that lost its protection is not read, the tables below it
+// are not linked), so nothing the guest writes into it afterwards is
+// reported, until Stop unhooks what is left.
 func (g *Guest) watchRoot(r *record) {
-	pfn := r.GPA / vasmon.PageSize
-	if pfn >= uint64(len(g.rootBits))*64 || g.rootBits[pfn/64].Load()&(1<<(pfn%64)) == 0 {
+	why := int32(r.Kind >> recRootEnd)
+	if why == 0 {
 		return
 	}
-	st, ok := g.roots.Load(pfn * vasmon.PageSize)
+	st, ok := g.roots.Load(r.GPA &^ (vasmon.PageSize - 1))
 	if !ok || st.dying.Load() {
-		return
-	}
-	var why int32
-	switch {
-	case r.GPA%vasmon.PageSize >= userEntries*8:
-		why = whyKernel
-	case r.Val&vasmon.BitP == 0 && !g.userPresent(st.gpa):
-		why = whyEmpty
-	default:
 		return
 	}
 	if st.dying.CompareAndSwap(false, true) {
@@ -176,28 +171,31 @@ func (g *Guest) lifecycle() {
 	defer sample.Stop()
 	check := time.NewTicker(recheckEvery)
 	defer check.Stop()
-	d := &detector{cand: make(map[[512 - userEntries]uint64]uint64)}
 	for {
 		select {
 		case <-g.quitLife:
 			return
 		case o := <-g.ops:
+			g.lifeMu.Lock()
 			switch o.kind {
 			case opDeath:
 				g.stopRoot(o.st)
 			case opBirth:
-				g.birth(d, o.gpa)
+				g.birth(o.gpa)
 			case opSync:
-				g.recheck(d)
+				g.recheck()
 				close(o.done)
 			}
+			g.lifeMu.Unlock()
 		case <-sample.C:
 			if !g.paused.Load() && g.ctl != nil {
-				g.sample(d)
+				g.sample()
 			}
 		case <-check.C:
 			if !g.paused.Load() {
-				g.recheck(d)
+				g.lifeMu.Lock()
+				g.recheck()
+				g.lifeMu.Unlock()
 			}
 		}
 	}
@@ -208,13 +206,14 @@ type detector struct {
 	ref    *[512 - userEntries]uint64
 	mode   vasmon.Mode                          // paging mode of the CR3s that gave ref
 	cand   map[[512 - userEntries]uint64]uint64 // kernel half -> first page seen with it
-	failed bool                                 // sampling failed (QEMU gone)
+	failed atomic.Bool                          // sampling failed (QEMU gone)
 }
 
 // isPGD reports whether the page at gpa looks like a live Linux PGD. Until
 // the reference kernel half is known, it learns it: the first kernel half
 // (with a present entry) that two distinct sampled CR3 pages share.
-func (g *Guest) isPGD(d *detector, gpa uint64, mode vasmon.Mode) bool {
+func (g *Guest) isPGD(gpa uint64, mode vasmon.Mode) bool {
+	d := g.det
 	k := g.kernelHalf(gpa)
 	if d.ref == nil {
 		present := false
@@ -227,9 +226,9 @@ func (g *Guest) isPGD(d *detector, gpa uint64, mode vasmon.Mode) bool {
 		if first, ok := d.cand[k]; ok && first != gpa {
 			d.ref, d.mode = &k, mode
 			g.ls.ref.Store(true)
-			// From now on the plugin reports new PGDs as the kernel
-			// copies the kernel half in.
-			g.ctl.setPGDSig(k[len(k)-1])
+			// From now on the plugin reports new PGDs once the kernel
+			// has copied the kernel half in.
+			g.ctl.setReference(&k)
 		} else {
 			if len(d.cand) > 64 {
 				clear(d.cand)
@@ -253,8 +252,9 @@ func modeOf(r cpuRegs) (vasmon.Mode, bool) {
 	return 0, false // 32-bit and PAE paging: not a Linux x86-64 guest
 }
 
-func (g *Guest) sample(d *detector) {
-	if d.failed {
+func (g *Guest) sample() {
+	d := g.det
+	if d.failed.Load() {
 		return
 	}
 	t0 := time.Now()
@@ -262,14 +262,32 @@ func (g *Guest) sample(d *detector) {
 	g.ls.samples.Add(1)
 	g.ls.sampleNs.Add(uint64(time.Since(t0)))
 	if err != nil {
-		d.failed = true // QEMU has exited or is exiting
+		d.failed.Store(true) // QEMU has exited or is exiting
 		return
 	}
 	regs, err := parseRegisters(out)
 	if err != nil {
-		d.failed = true
+		d.failed.Store(true)
 		return
 	}
+	type cand struct {
+		gpa  uint64
+		mode vasmon.Mode
+	}
+	var later []cand
+	g.lifeMu.Lock()
+	defer func() {
+		g.lifeMu.Unlock()
+		if len(later) > 0 {
+			g.startStopped(func() {
+				for _, c := range later {
+					if _, known := g.roots.Load(c.gpa); !known && g.isPGD(c.gpa, c.mode) {
+						g.startRoot(c.gpa, c.mode)
+					}
+				}
+			})
+		}
+	}()
 	for _, r := range regs {
 		mode, ok := modeOf(r)
 		if !ok {
@@ -280,25 +298,52 @@ func (g *Guest) sample(d *detector) {
 		if _, known := g.roots.Load(gpa); known || !g.ram.InRAM(gpa, vasmon.PageSize) {
 			continue
 		}
-		if !g.isPGD(d, gpa, mode) {
+		if !g.isPGD(gpa, mode) {
 			g.ls.notPGD.Add(1)
 			continue
 		}
-		if !g.cfg.NullConsumer {
+		switch {
+		case g.cfg.NullConsumer:
+		case g.syncer != nil:
+			later = append(later, cand{gpa, mode})
+		default:
 			g.startRoot(gpa, mode)
 		}
 	}
 }
 
+// startStopped runs start (which starts roots) under lifeMu with the
+// guest's vCPUs stopped, unless the guest is paused (then not at all: the
+// next sample finds the roots again). With Config.Sync, a root found by
+// sampling is started so, as at a synchronous write: Start reads and hooks
+// the tables while no vCPU can store into them unseen.
+func (g *Guest) startStopped(start func()) {
+	g.pauseMu.Lock()
+	defer g.pauseMu.Unlock()
+	if g.paused.Load() {
+		return
+	}
+	if _, err := g.qmp.do("stop", nil); err != nil {
+		return
+	}
+	g.lifeMu.Lock()
+	g.pages.setStarting(true)
+	start()
+	g.pages.setStarting(false)
+	g.lifeMu.Unlock()
+	_, _ = g.qmp.do("cont", nil)
+}
+
 // birth starts a root for a new top-level table: its user half is still
 // empty, so every table linked into it is hooked as it is linked.
 //
-// A birth on the page of a live root is the same PGD: Linux's memcpy stores
-// the last entry twice (its loop, then an overlapping tail store), or the
+// A birth on the page of a live root is the same PGD: Linux's memcpy may
+// store an entry twice (its loop, then an overlapping tail store), or the
 // root was started after this birth's record was drained and already covers
 // the page's current content. A birth on the page of a dying root (its
 // death is queued behind) is a new PGD: the old root is stopped first.
-func (g *Guest) birth(d *detector, gpa uint64) {
+func (g *Guest) birth(gpa uint64) {
+	d := g.det
 	if st, known := g.roots.Load(gpa); known {
 		if !st.dying.Load() {
 			return
@@ -308,7 +353,7 @@ func (g *Guest) birth(d *detector, gpa uint64) {
 	if d.ref == nil || !g.ram.InRAM(gpa, vasmon.PageSize) {
 		return
 	}
-	if g.kernelHalf(gpa) != *d.ref {
+	if !newKernelHalf(g.kernelHalf(gpa), d.ref) {
 		g.ls.badBirths.Add(1)
 		return
 	}
@@ -317,18 +362,34 @@ func (g *Guest) birth(d *detector, gpa uint64) {
 	}
 }
 
+// newKernelHalf reports whether k is the kernel half of a new top-level
+// table: the reference's, or part of it being copied in (entry 511 first,
+// when memcpy copies backwards), the rest still zero (pgd_alloc's page is
+// zeroed).
+func newKernelHalf(k [512 - userEntries]uint64, ref *[512 - userEntries]uint64) bool {
+	if k[len(k)-1] != ref[len(ref)-1] {
+		return false
+	}
+	for i := range k {
+		if k[i] != ref[i] && k[i] != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 func (g *Guest) startRoot(gpa uint64, mode vasmon.Mode) {
 	st := &rootState{gpa: gpa, info: &backends.RootInfo{VM: g.ID, CR3: gpa, Mode: mode,
 		Name: fmt.Sprintf("vm%d/cr3 %#x", g.ID, gpa)}}
 	// Registered before Start hooks the page, so that the drainer watches
 	// every write to it from the moment it is protected.
 	g.roots.Store(gpa, st)
-	g.setRootBit(gpa, true)
+	g.ctl.setRoot(gpa, true)
 	r, err := g.host.Start(g.ctx, g.ID, gpa, mode, g.req.Monitored, g.req.Callback, st.info, g.req.Options)
 	if err != nil {
 		g.ls.startFailed.Add(1)
 		g.roots.Delete(gpa)
-		g.setRootBit(gpa, false)
+		g.ctl.setRoot(gpa, false)
 		return
 	}
 	st.root.Store(r)
@@ -351,11 +412,12 @@ func (g *Guest) stopRoot(st *rootState) {
 	g.ls.live.Add(-1)
 	st.root.Store(nil)
 	g.roots.Delete(st.gpa)
-	g.setRootBit(st.gpa, false)
+	g.ctl.setRoot(st.gpa, false)
 }
 
 // recheck stops roots whose kernel half is no longer the reference.
-func (g *Guest) recheck(d *detector) {
+func (g *Guest) recheck() {
+	d := g.det
 	if d.ref == nil {
 		return
 	}

@@ -106,6 +106,12 @@ type Options struct {
 	OnStart func(r *vasmon.Root, mem *guestmem.Memory)
 	// Batch is the most events submitted at once; 0: 256.
 	Batch int
+	// Sync submits every event synchronously, one at a time, through a
+	// Syncer per VM (backends.NewSyncer; SEMANTICS.md section 7): the
+	// replay goes on only once the event's closure is done. The accounting
+	// is the asynchronous replay's. Verdicts are counted by the engine but
+	// not acted on: the trace's later records are what the guest did.
+	Sync bool
 }
 
 // Summary says what a replay did. It accounts for every record of the
@@ -225,6 +231,7 @@ type player struct {
 	batch []shard.Event
 	bvm   vasmon.VMID
 	old   [trace.PageSize]byte
+	syncs map[vasmon.VMID]backends.Syncer // Options.Sync
 
 	t0, check int64
 	w0        time.Time
@@ -258,6 +265,9 @@ func RunReader(ctx context.Context, host engine.Host, tr *trace.Reader, opts Opt
 	err := p.run()
 	if ferr := p.flush(); err == nil {
 		err = ferr
+	}
+	for _, sy := range p.syncs {
+		sy.Close()
 	}
 	sum.Bytes = tr.Bytes()
 	sum.Damage = tr.Damage()
@@ -504,6 +514,9 @@ func (p *player) add(vm vasmon.VMID, ev shard.Event) error {
 func (p *player) flush() error {
 	b := p.batch
 	p.batch = p.batch[:0]
+	if p.opts.Sync && len(b) > 0 {
+		return p.flushSync(b)
+	}
 	for len(b) > 0 {
 		n, err := p.host.Submit(p.bvm, b)
 		b = b[n:]
@@ -514,6 +527,40 @@ func (p *player) flush() error {
 			return fmt.Errorf("submit to VM %d: %w", p.bvm, err)
 		}
 		p.sum.Retried += int64(len(b))
+		select {
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		case <-time.After(50 * time.Microsecond):
+		}
+	}
+	return nil
+}
+
+// flushSync submits b synchronously, one event at a time, through the VM's
+// Syncer. In the engine's non-blocking mode it retries an event a full
+// queue refused.
+func (p *player) flushSync(b []shard.Event) error {
+	sy := p.syncs[p.bvm]
+	if sy == nil {
+		var err error
+		if sy, err = backends.NewSyncer(p.host, p.bvm); err != nil {
+			return fmt.Errorf("synchronous submit to VM %d: %w", p.bvm, err)
+		}
+		if p.syncs == nil {
+			p.syncs = make(map[vasmon.VMID]backends.Syncer)
+		}
+		p.syncs[p.bvm] = sy
+	}
+	for i := 0; i < len(b); {
+		_, err := sy.Submit(b[i : i+1])
+		if err == nil {
+			i++
+			continue
+		}
+		if !errors.Is(err, engine.ErrOverload) {
+			return fmt.Errorf("synchronous submit to VM %d: %w", p.bvm, err)
+		}
+		p.sum.Retried++
 		select {
 		case <-p.ctx.Done():
 			return p.ctx.Err()

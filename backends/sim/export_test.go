@@ -34,3 +34,20 @@ func (s *Sim) BadHooks() []uint64 {
 	}
 	return out
 }
+
+// Windows returns, per VM (in order), how many stores the guest made into
+// tables of monitored roots without a trap (the host had not yet hooked the
+// table), and the first such store of the run. Runs made WithTruth only.
+func (s *Sim) Windows() ([]uint64, string) {
+	var n []uint64
+	first := ""
+	for _, v := range s.vms {
+		v.truth.mu.Lock()
+		n = append(n, v.truth.windows)
+		if first == "" {
+			first = v.truth.window
+		}
+		v.truth.mu.Unlock()
+	}
+	return n, first
+}

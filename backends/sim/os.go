@@ -520,6 +520,9 @@ func (c *vcpu) create() {
 	c.initialRegions(p)
 	p.mu.Lock() // visible to the other vCPUs once spawned
 	defer p.mu.Unlock()
+	cur := c.cur
+	c.cur = p // its stores are synchronous by its own root (Config.SyncRoot)
+	defer func() { c.cur = cur }()
 	c.spawn(p)
 	for i := 0; i < 4; i++ {
 		c.touch(p)
@@ -579,8 +582,9 @@ func (c *vcpu) collapse(p *proc) {
 	if present == 0 || swapped || f == 0 {
 		return
 	}
-	c.update(a, v.leafEntry(f, 2, r, r.prot&protW != 0))
-	c.freeTable(t, true)
+	if c.update(a, v.leafEntry(f, 2, r, r.prot&protW != 0)) {
+		c.freeTable(t, true)
+	} // else denied: the table stays linked
 }
 
 // split replaces a large page of a THP region by a new PTE table mapping the
@@ -599,7 +603,9 @@ func (c *vcpu) split(p *proc) {
 	for i := 0; i < v.mode.Entries(1); i++ {
 		c.set(t+uint64(i*v.esz), frame+uint64(i)*vasmon.PageSize|flags)
 	}
-	c.update(a, v.tableEntry(2, t))
+	if !c.update(a, v.tableEntry(2, t)) { // denied: the large page stays
+		c.freeTable(t, true)
+	}
 }
 
 // swapOut evicts a present 4 KiB page, from the working set or else of an

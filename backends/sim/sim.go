@@ -124,6 +124,27 @@ type Config struct {
 	Duration  time.Duration // ends the run after this long; 0: when the context ends
 	FirstVM   vasmon.VMID   // ID of the first VM (the others follow); 0: 1
 
+	// Sync makes every trapped store synchronous (SEMANTICS.md section 7):
+	// the storing vCPU waits in the host's Syncer until the store's
+	// closure is done (the tables it links hooked, those it unlinks
+	// unhooked, every callback run), so the guest never runs on a
+	// translation the host has not seen. A store whose callbacks deny it
+	// (engine.RootOptions.Verdict) does not take effect: the vCPU puts the
+	// entry's old bytes back before it goes on, submitting that restoring
+	// store synchronously too, and the guest kernel carries on from the
+	// entry as it finds it in memory (a denied table link leaves the
+	// table unlinked and frees it; a denied replacement of a table keeps
+	// it). No other vCPU reads the entry meanwhile: every store to a
+	// process's tables is made under its lock. The host must hand out
+	// Syncers (backends.NewSyncer).
+	Sync bool
+	// SyncRoot, if set, chooses per root instead of Sync: a trapped store
+	// is synchronous when the process running on the vCPU is monitored
+	// and SyncRoot returns true for its root (RootInfo.VM chooses per
+	// VM). The other stores are batched as usual, and submitted before
+	// the next synchronous one.
+	SyncRoot func(*backends.RootInfo) bool
+
 	// OnStart runs on the vCPU after a root's Start returned, before its
 	// process makes another store; OnStop after its Stop returned. OnIdle
 	// runs once every vCPU has stopped, before Run stops the remaining
@@ -172,13 +193,17 @@ type Stats struct {
 	Faults, COW, SwapIns uint64 // demand faults, copy-on-write breaks, swap-ins
 	Submitted, Rejected  uint64 // events accepted and rejected by Submit
 	Batches              uint64
-	RootsStarted         uint64
-	RootsStopped         uint64
-	StartErrors          uint64
-	StopErrors           uint64
-	OOM                  uint64 // operations cut short: a VM's table area was exhausted
-	Processes            int    // live processes
-	Tables               int64  // table pages in use
+	// Synchronous stores (Config.Sync, SyncRoot): SyncStores were
+	// submitted synchronously (restores included), Denied were denied by
+	// their callbacks and reverted (each by one more synchronous store).
+	SyncStores, Denied uint64
+	RootsStarted       uint64
+	RootsStopped       uint64
+	StartErrors        uint64
+	StopErrors         uint64
+	OOM                uint64 // operations cut short: a VM's table area was exhausted
+	Processes          int    // live processes
+	Tables             int64  // table pages in use
 	// Running is how long the vCPUs ran (from the end of the boot to the
 	// last vCPU's stop), once they all stopped; 0 before.
 	Running time.Duration
@@ -342,6 +367,12 @@ func (s *Sim) Run(ctx context.Context, host engine.Host, req backends.Request) e
 	}
 	wg.Wait()
 	s.running.Store(int64(time.Since(s.t0)))
+	for _, c := range s.vcpus {
+		if c.syncer != nil {
+			c.syncer.Close()
+			c.syncer = nil
+		}
+	}
 	close(finished)
 	if s.cfg.OnIdle != nil {
 		s.cfg.OnIdle()
@@ -409,6 +440,9 @@ func (s *Sim) stopRoot(ref *Root, ctr *counters) {
 	if s.hostGone() {
 		ctr.stopErrors.Add(1)
 		return
+	}
+	if t := s.vms[ref.Info.VM-s.cfg.FirstVM].truth; t != nil {
+		t.monitor(ref.Info, false)
 	}
 	ctx, cancel := s.hostCtx()
 	err := s.host.Stop(ctx, ref.Root)
@@ -516,6 +550,8 @@ func (s *Sim) Stats() Stats {
 		st.Submitted += c.submitted.Load()
 		st.Rejected += c.rejected.Load()
 		st.Batches += c.batches.Load()
+		st.SyncStores += c.syncStores.Load()
+		st.Denied += c.denied.Load()
 		st.RootsStarted += c.started.Load()
 		st.RootsStopped += c.stopped.Load()
 		st.StartErrors += c.startErrors.Load()

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"fmt"
 	"sync"
 
 	"github.com/vasengine/vasengine/backends"
@@ -25,6 +26,13 @@ type truth struct {
 	ever   map[leafKey]bool              // leaf entries some root held at some instant
 	infos  map[*backends.RootInfo]uint64 // incarnation of each monitored root
 	bad    []uint64                      // pages protected that never were tables of a root
+	// live are the incarnations monitored now (from Start's return to
+	// Stop's call); windows counts the guest's stores into a table linked
+	// into one of them that did not trap (their page not yet protected:
+	// the host had not yet seen the link), the first in window.
+	live    map[uint64]bool
+	windows uint64
+	window  string
 }
 
 // place is where a table is linked: its root's incarnation (a root table
@@ -38,7 +46,21 @@ type leafKey struct{ root, va, size, e uint64 }
 
 func newTruth(v *vm) *truth {
 	return &truth{vm: v, mask: ^uint64(0), places: map[uint64]place{}, tables: map[uint64]bool{},
-		ever: map[leafKey]bool{}, infos: map[*backends.RootInfo]uint64{}}
+		ever: map[leafKey]bool{}, infos: map[*backends.RootInfo]uint64{}, live: map[uint64]bool{}}
+}
+
+// monitor records that the root of info is monitored from now on (on), or
+// no longer (Stop is called).
+func (t *truth) monitor(info *backends.RootInfo, on bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if inc, ok := t.infos[info]; ok {
+		if on {
+			t.live[inc] = true
+		} else {
+			delete(t.live, inc)
+		}
+	}
 }
 
 // newRoot records a new root table (the CR3 of a new process).
@@ -101,8 +123,10 @@ func (t *truth) placeOf(ea uint64) (place, uint64, bool) {
 
 // store records a store of size bytes of v at gpa, within the entry whose
 // value is old, made by c: the leaf it makes, the table it links (and the
-// entries that table holds already), the table it unlinks.
-func (t *truth) store(c *vcpu, gpa uint64, size int, v, old uint64) {
+// entries that table holds already), the table it unlinks. unseen says the
+// store does not trap: made into a table of a monitored root, it is a
+// window.
+func (t *truth) store(c *vcpu, gpa uint64, size int, v, old uint64, unseen bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	m, esz := t.vm.mode, uint64(t.vm.esz)
@@ -114,6 +138,12 @@ func (t *truth) store(c *vcpu, gpa uint64, size int, v, old uint64) {
 	i := int((ea - base) / esz)
 	if p.level == m.Levels() && i >= m.UserEntries() {
 		return // the kernel half
+	}
+	if unseen && t.live[p.root] {
+		if t.windows++; t.windows == 1 {
+			t.window = fmt.Sprintf("store of %d bytes %#x at %#x (entry %d of the level-%d table at %#x, VA %#x) while the table's page was not protected",
+				size, v, gpa, i, p.level, base, m.EntryVA(p.va, p.level, i))
+		}
 	}
 	sh := 8 * (gpa - ea)
 	mask := ^uint64(0)

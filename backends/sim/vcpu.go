@@ -48,6 +48,7 @@ type counters struct {
 	submitted, rejected, batches              atomic.Uint64
 	started, stopped, startErrors, stopErrors atomic.Uint64
 	oom                                       atomic.Uint64
+	syncStores, denied                        atomic.Uint64
 	_                                         [64]byte
 }
 
@@ -65,6 +66,10 @@ type vcpu struct {
 	share float64       // this vCPU's share of Config.Rate
 	timer *time.Timer
 	ctr   counters
+
+	cur       *proc           // the process running (nil: none)
+	syncer    backends.Syncer // synchronous stores (Config.Sync, SyncRoot); made at the first
+	restoring bool            // the store being made puts back a denied store's bytes
 }
 
 func (c *vcpu) read(a uint64) uint64 {
@@ -81,15 +86,20 @@ func (c *vcpu) read(a uint64) uint64 {
 // reads it) either has the store in the read or traps it: the protection is
 // tested again after the store, which then traps after the fact
 // (guestmem.Versions.Trap). Stores to unprotected pages are not stamped.
-func (c *vcpu) store(gpa uint64, size int, v uint64, site int) {
+//
+// A synchronous store (Config.Sync, SyncRoot) is submitted at once, after
+// the batch, and the vCPU waits for its closure; if its callbacks deny it,
+// the entry's old bytes are put back by another synchronous store and store
+// returns false: the store did not take effect.
+func (c *vcpu) store(gpa uint64, size int, v uint64, site int) bool {
 	vm := c.vm
 	ea := gpa &^ uint64(vm.esz-1)
 	old, _ := vm.mem.ReadUint(ea, vm.esz)
-	if vm.truth != nil {
-		vm.truth.store(c, gpa, size, v, old)
-	}
 	var ver uint32
 	trapped := vm.ver.Protected(gpa)
+	if vm.truth != nil {
+		vm.truth.store(c, gpa, size, v, old, !trapped)
+	}
 	if trapped {
 		ver = vm.ver.BeginWrite(gpa)
 	}
@@ -106,7 +116,7 @@ func (c *vcpu) store(gpa uint64, size int, v uint64, site int) {
 	}
 	c.ctr.writes[c.op].Add(1)
 	if !trapped {
-		return
+		return true
 	}
 	c.ctr.trapped[c.op].Add(1)
 	if size < 8 {
@@ -122,12 +132,70 @@ func (c *vcpu) store(gpa uint64, size int, v uint64, site int) {
 		// found already in a read, setting it again).
 		rip = 0
 	}
-	c.batch = append(c.batch, shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true,
-		RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver})
+	ev := shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true, RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver}
 	c.sent++
+	if c.restoring || c.syncing() {
+		if c.syncSubmit(ev) != shard.Deny || c.restoring {
+			return true
+		}
+		// Denied: put the old entry back, synchronously too (the
+		// engine's stream ends old -> new, new -> old), in one store of
+		// the whole entry: restoring only the bytes written (half of a
+		// PAE entry) would be a partial write the engine holds pending
+		// (SEMANTICS.md section 3) until the entry's next store.
+		c.ctr.denied.Add(1)
+		c.restoring = true
+		c.store(ea, vm.esz, old, site)
+		c.restoring = false
+		return false
+	}
+	c.batch = append(c.batch, ev)
 	if len(c.batch) == maxBatch {
 		c.submit()
 	}
+	return true
+}
+
+// syncing reports whether the vCPU's trapped stores are synchronous now.
+func (c *vcpu) syncing() bool {
+	cfg := &c.s.cfg
+	if cfg.SyncRoot == nil || c.cur == nil {
+		return cfg.Sync
+	}
+	if r := c.cur.ref.Load(); r != nil {
+		return cfg.SyncRoot(r.Info)
+	}
+	return false
+}
+
+// syncSubmit submits ev synchronously (the batch before it) and returns its
+// verdict (Allow if it could not be submitted).
+func (c *vcpu) syncSubmit(ev shard.Event) shard.Verdict {
+	c.submit()
+	if c.syncer == nil {
+		sy, err := backends.NewSyncer(c.s.host, c.vm.id)
+		if err != nil {
+			c.ctr.rejected.Add(1)
+			c.vm.trapped.Add(1)
+			c.s.fail(fmt.Errorf("sim: VM %d: synchronous store: %w", c.vm.id, err))
+			return shard.Allow
+		}
+		c.syncer = sy
+	}
+	var buf [1]shard.Event
+	buf[0] = ev
+	verdict, err := c.syncer.Submit(buf[:])
+	c.vm.trapped.Add(1)
+	c.ctr.syncStores.Add(1)
+	if err != nil {
+		c.ctr.rejected.Add(1)
+		if !errors.Is(err, engine.ErrOverload) {
+			c.s.fail(fmt.Errorf("sim: VM %d: synchronous submit: %w", c.vm.id, err))
+		}
+		return shard.Allow
+	}
+	c.ctr.submitted.Add(1)
+	return verdict
 }
 
 // set writes e over a non-present entry at a. A PAE kernel writes the high
@@ -153,13 +221,14 @@ func (c *vcpu) clear(a uint64) {
 
 // update rewrites a present entry in one atomic store (a locked
 // read-modify-write; cmpxchg8b on PAE).
-func (c *vcpu) update(a, e uint64) { c.store(a, c.vm.esz, e, siteUpdate) }
+// It reports whether the store took effect (not denied).
+func (c *vcpu) update(a, e uint64) bool { return c.store(a, c.vm.esz, e, siteUpdate) }
 
 // hardwareAD is the CPU setting Accessed/Dirty in an entry: memory only,
 // never trapped (see backends.DefaultMonitored).
 func (c *vcpu) hardwareAD(a, e uint64) {
 	if t := c.vm.truth; t != nil {
-		t.store(c, a, c.vm.esz, e, c.read(a))
+		t.store(c, a, c.vm.esz, e, c.read(a), false)
 	}
 	_, _ = c.vm.mem.WriteUint(a, c.vm.esz, e)
 	c.ctr.hwAD.Add(1)
@@ -285,6 +354,9 @@ func (c *vcpu) start(p *proc) {
 	ctx, cancel := s.hostCtx()
 	r, err := s.host.Start(ctx, v.id, p.root, v.mode, s.req.Monitored, s.req.Callback, info, s.req.Options)
 	cancel()
+	if v.truth != nil {
+		v.truth.monitor(info, err == nil)
+	}
 	if err != nil {
 		c.ctr.startErrors.Add(1)
 		if errors.Is(err, engine.ErrClosed) || errors.Is(err, vasmon.ErrUnknownVM) {
@@ -346,6 +418,7 @@ func (c *vcpu) run() {
 			c.sleep(100 * time.Microsecond)
 			continue
 		}
+		c.cur = p
 		var wait time.Duration
 		for {
 			op := c.s.draw.draw(c.rng)
@@ -365,6 +438,7 @@ func (c *vcpu) run() {
 			}
 		}
 		c.flush()
+		c.cur = nil
 		p.mu.Unlock()
 		if wait > 0 {
 			c.sleep(wait)

@@ -64,6 +64,14 @@ type kvmBackend struct {
 	done bool
 }
 
+func (b *kvmBackend) setSync() error {
+	if b.cfg.Mode == kvm.Dirty {
+		return usagef("-sync: needs -kvm-mode trap (dirty mode sees writes only after the fact)")
+	}
+	b.cfg.Sync = true
+	return nil
+}
+
 func (b *kvmBackend) describe() string {
 	var modes []string
 	for _, m := range b.cfg.Modes {
@@ -169,6 +177,12 @@ func kvmSummaryLines(s kvm.Summary) []string {
 			"%d slot flips (mean %v, max %v)",
 			t.Traps, si(s.TrapsPerSecond()), t.Submitted, t.Rejected, t.Zaps,
 			t.Flips, s.FlipMean().Round(time.Microsecond), t.FlipMax.Round(time.Microsecond)))
+		sync := "asynchronous"
+		if t.SyncWrites > 0 {
+			sync = fmt.Sprintf("%d synchronous writes (restores included), %d denied and not committed", t.SyncWrites, t.Denied)
+		}
+		lines = append(lines, fmt.Sprintf("kvm: %s; %d table links still unhooked when their vCPU went back to the guest (windows)",
+			sync, t.Windows))
 	}
 	return lines
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/vasengine/vasengine/backends"
 	"github.com/vasengine/vasengine/backends/qemu"
 	"github.com/vasengine/vasengine/engine"
+	"github.com/vasengine/vasengine/vasmon"
 )
 
 // qemuFlags: real Linux guests under QEMU TCG. Their kernel, initramfs and
@@ -63,7 +64,7 @@ func (f *qemuFlags) backend() (backend, error) {
 	if _, _, _, err := qemu.Artifacts(f.dir); err != nil {
 		return nil, usagef("-qemu-dir %s: %s: run scripts/qemu-setup.sh %s (or `make qemu`)", f.dir, oneLine(err.Error()), f.dir)
 	}
-	return &qemuBackend{cfg: qemu.Config{Guests: f.guests, Workload: f.workload, Jobs: f.jobs, MemMB: f.mem, VCPUs: f.vcpus, Dir: f.dir}}, nil
+	return &qemuBackend{cfg: qemu.Config{Guests: f.guests, Workload: f.workload, Jobs: f.jobs, MemMB: f.mem, VCPUs: f.vcpus, Dir: f.dir, Sync: false}}, nil
 }
 
 // qemuBackend runs real Linux guests under QEMU.
@@ -80,8 +81,29 @@ func (b *qemuBackend) describe() string {
 
 func (b *qemuBackend) prepare(context.Context) error { return nil }
 
+// setSync: -sync holds each storing vCPU in the plugin until the engine is
+// done with the write (qemu.Config.Sync).
+func (b *qemuBackend) setSync() error {
+	b.cfg.Sync = true
+	return nil
+}
+
 func (b *qemuBackend) run(ctx context.Context, host engine.Host, req backends.Request) error {
-	sum, err := qemu.Run(ctx, host, b.cfg, req)
+	cfg := b.cfg
+	if cfg.Sync {
+		// The guests' synchronous submissions go to the engine under the
+		// session's host.
+		if ah, ok := host.(*abortHost); ok && ah.e != nil {
+			cfg.NewSyncer = func(vm vasmon.VMID) (qemu.Syncer, error) {
+				s, err := ah.e.NewSyncer(vm)
+				if err != nil {
+					return nil, err
+				}
+				return s, nil
+			}
+		}
+	}
+	sum, err := qemu.Run(ctx, host, cfg, req)
 	b.mu.Lock()
 	b.sum, b.done = sum, true
 	b.mu.Unlock()
@@ -97,10 +119,22 @@ func (b *qemuBackend) report(time.Duration) backendReport {
 	var r backendReport
 	var guests []map[string]any
 	for _, g := range b.sum.Guests {
-		r.Lines = append(r.Lines, fmt.Sprintf("qemu: VM %d: %d events submitted, %d rejected; %d page-table stores; plugin drops %d; boot %v, workload %v",
-			g.VM, g.Submitted, g.Rejected, g.TableStores, g.Plugin.Drops, g.Boot.Round(time.Millisecond), g.Workload.Round(time.Millisecond)))
+		r.Lines = append(r.Lines, fmt.Sprintf("qemu: VM %d: %d events submitted, %d rejected; %d page-table stores; plugin drops %d; boot %v, workload %v; %d phantom callbacks (must be 0) of %d reporting a present entry",
+			g.VM, g.Submitted, g.Rejected, g.TableStores, g.Plugin.Drops, g.Boot.Round(time.Millisecond), g.Workload.Round(time.Millisecond), g.Phantoms, g.Present))
+		if b.cfg.Sync {
+			r.Lines = append(r.Lines, fmt.Sprintf("qemu: VM %d: synchronous: %d writes held their vCPU %v on average; %d denied, %d reverted, %d not; %d holds given up",
+				g.VM, g.Synced, time.Duration(g.Plugin.HeldNs/max(g.Synced, 1)), g.Denied, g.Reverted, g.Unreverted, g.Plugin.GiveUps))
+			if g.Plugin.GiveUps != 0 {
+				r.Warnings = append(r.Warnings, fmt.Sprintf("qemu: VM %d: %d holds given up (no answer within 10 s)", g.VM, g.Plugin.GiveUps))
+			}
+		}
+		if g.Phantoms != 0 {
+			r.Warnings = append(r.Warnings, fmt.Sprintf("qemu: VM %d: %d phantom callbacks (entries Linux cannot have written)", g.VM, g.Phantoms))
+		}
 		guests = append(guests, map[string]any{"vm": g.VM, "submitted": g.Submitted, "rejected": g.Rejected, "table_stores": g.TableStores,
-			"narrow_stores": g.NarrowStores, "plugin_drops": g.Plugin.Drops, "boot_ns": g.Boot, "workload_ns": g.Workload})
+			"narrow_stores": g.NarrowStores, "plugin_drops": g.Plugin.Drops, "boot_ns": g.Boot, "workload_ns": g.Workload,
+			"phantoms": g.Phantoms, "present_callbacks": g.Present,
+			"sync": b.cfg.Sync, "synced": g.Synced, "held_ns": g.Plugin.HeldNs, "denied": g.Denied, "reverted": g.Reverted, "give_ups": g.Plugin.GiveUps})
 	}
 	r.Stats = map[string]any{"wall_ns": b.sum.Wall, "guests": guests}
 	return r

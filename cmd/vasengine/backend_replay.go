@@ -84,6 +84,7 @@ func (f *replayFlags) backend() (backend, error) {
 
 // replayBackend replays a trace from a file, a pipe or standard input.
 type replayBackend struct {
+	sync    bool // -sync
 	path    string
 	speed   float64
 	salvage bool
@@ -94,6 +95,11 @@ type replayBackend struct {
 	sum     *replay.Summary
 	started time.Time
 	took    time.Duration
+}
+
+func (b *replayBackend) setSync() error {
+	b.sync = true
+	return nil
 }
 
 func (b *replayBackend) describe() string {
@@ -139,7 +145,7 @@ func (b *replayBackend) run(ctx context.Context, host engine.Host, req backends.
 	b.mu.Lock()
 	b.started = time.Now()
 	b.mu.Unlock()
-	sum, err := replay.RunReader(ctx, host, b.tr, replay.Options{Speed: b.speed, Request: req})
+	sum, err := replay.RunReader(ctx, host, b.tr, replay.Options{Speed: b.speed, Request: req, Sync: b.sync})
 	b.mu.Lock()
 	b.sum, b.took = sum, time.Since(b.started)
 	b.mu.Unlock()
@@ -262,6 +268,11 @@ func cmdReplay(args []string, stdout, stderr io.Writer) error {
 	b, err := f.replay.backend()
 	if err != nil {
 		return err
+	}
+	if f.sync {
+		if err := setSync(b, "replay"); err != nil {
+			return err
+		}
 	}
 	return runSession(&session{command: "replay", cfg: cfg, flags: &f.engineFlags, duration: f.duration, b: b, stdout: stdout, stderr: stderr})
 }

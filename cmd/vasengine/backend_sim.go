@@ -96,9 +96,15 @@ func (f *simFlags) backend() (backend, error) {
 
 // simBackend runs the simulator.
 type simBackend struct {
-	cfg sim.Config
-	mu  sync.Mutex
-	s   *sim.Sim
+	cfg   sim.Config
+	limit float64 // -vm-max-rate (0: none): the rate offered is at most that
+	mu    sync.Mutex
+	s     *sim.Sim
+}
+
+func (b *simBackend) setSync() error {
+	b.cfg.Sync = true
+	return nil
 }
 
 func (b *simBackend) describe() string {
@@ -132,6 +138,9 @@ func (b *simBackend) run(ctx context.Context, host engine.Host, req backends.Req
 // possible): -rate per VM during the on periods of -burst.
 func (b *simBackend) offered() float64 {
 	r := b.cfg.Rate * float64(b.cfg.VMs)
+	if b.limit > 0 && b.cfg.Rate > b.limit {
+		r = b.limit * float64(b.cfg.VMs)
+	}
 	if on, off := b.cfg.Burst.On, b.cfg.Burst.Off; on > 0 && off > 0 {
 		r *= float64(on) / float64(on+off)
 	}
@@ -157,8 +166,12 @@ func (b *simBackend) report(ran time.Duration) backendReport {
 	r.Lines = append(r.Lines, fmt.Sprintf("sim: %d events submitted (%s/s), %d rejected; %d roots started, %d stopped, %d start errors, %d stop errors",
 		st.Submitted, si(got), st.Rejected, st.RootsStarted, st.RootsStopped, st.StartErrors, st.StopErrors))
 	if off := b.offered(); off > 0 && ran >= time.Second && got < plan.SaturationRatio*off {
-		r.Warnings = append(r.Warnings, fmt.Sprintf("asked %s events/s (-rate %s x %d VMs%s), got %s/s: the simulator and the engine could not keep up on this host",
-			si(off), si(b.cfg.Rate), b.cfg.VMs, burstNote(b.cfg.Burst), si(got)))
+		rate := "-rate " + si(b.cfg.Rate)
+		if b.limit > 0 && b.cfg.Rate > b.limit {
+			rate = "-vm-max-rate " + si(b.limit)
+		}
+		r.Warnings = append(r.Warnings, fmt.Sprintf("asked %s events/s (%s x %d VMs%s), got %s/s: the simulator and the engine could not keep up on this host",
+			si(off), rate, b.cfg.VMs, burstNote(b.cfg.Burst), si(got)))
 	}
 	return r
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/vasengine/vasengine/engine"
 	"github.com/vasengine/vasengine/shard"
+	"github.com/vasengine/vasengine/trace"
 )
 
 func runMain(args ...string) (int, string, string) {
@@ -102,6 +103,7 @@ func TestUsageErrors(t *testing.T) {
 		{"run", "-backend", "qemu", "-guests", "0"},
 		{"run", "-backend", "qemu", "-guests", "1025"},
 		{"run", "-backend", "qemu", "-workload", "nope"},
+		{"record", "-o", filepath.Join(t.TempDir(), "t.vtr"), "-backend", "qemu", "-sync"},
 		{"record"},
 		{"record", "-o", t.TempDir()},
 		{"replay"},
@@ -507,5 +509,31 @@ func checkReplayAccounting(t *testing.T, sum *summary) {
 	}
 	if sum.Events.Submitted != sum.Events.Processed+sum.Events.Rejected {
 		t.Errorf("engine: submitted %d != processed %d + rejected %d", sum.Events.Submitted, sum.Events.Processed, sum.Events.Rejected)
+	}
+}
+
+// TestWorkersSummary: the summary says where the shard workers ran, in the
+// JSON (one CPU per shard, -1 unpinned) and on the "workers:" line.
+func TestWorkersSummary(t *testing.T) {
+	allowed, err := shard.AllowedCPUs()
+	if err != nil || len(allowed) == 0 {
+		t.Skipf("no allowed CPU set: %v", err)
+	}
+	tr := writeTrace(t, trace.Record{Kind: trace.KindVMAdd, VM: 1, RAM: 1 << 20})
+	for _, pin := range []bool{false, true} {
+		args := []string{"-shards", "1"}
+		want := -1
+		if pin {
+			args = append(args, "-cpus", strconv.Itoa(allowed[0]))
+			want = allowed[0]
+		}
+		code, sum, stderr := replayJSON(t, append(args, tr)...)
+		if code != 0 || !slices.Equal(sum.Workers.CPUs, []int{want}) {
+			t.Fatalf("%v: exit %d, workers %+v, want CPUs [%d]: %s", args, code, sum.Workers, want, stderr)
+		}
+		code, out, _ := runMain(append([]string{"replay"}, append(args, tr)...)...)
+		if line := "\nworkers: " + pinStr([]int{want}); code != 0 || !strings.Contains(out, line) {
+			t.Fatalf("%v: exit %d, no %q line:\n%s", args, code, line, out)
+		}
 	}
 }

@@ -47,7 +47,7 @@ const defaultVMRate = 20000
 func (f *planFlags) register(fs *flag.FlagSet) {
 	all := flag.NewFlagSet("", flag.ContinueOnError)
 	f.engineFlags.register(all) // of run's engine flags, plan takes those configuring the engine
-	for _, name := range []string{"shards", "cpus", "batch", "queue-depth", "budget", "nonblocking"} {
+	for _, name := range []string{"shards", "cpus", "batch", "queue-depth", "budget", "nonblocking", "vm-max-rate", "vm-max-burst", "vm-share"} {
 		fl := all.Lookup(name)
 		fs.Var(fl.Value, name, fl.Usage)
 	}
@@ -136,6 +136,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 
 	in := plan.Inputs{Budget: cfg.Budget, Headroom: f.headroom, Shards: cfg.Shards, QueueDepth: cfg.QueueDepth,
 		MemBytes: mem, MaxVMs: 1024} // engine.New's default MaxVMs (no flag changes it)
+	if in.Limits, err = f.limits.planLimits(); err != nil {
+		return err
+	}
 	var bptNote string
 	if f.fromReport != "" {
 		pts, bpt, err := readReport(f.fromReport, cfg.Shards)

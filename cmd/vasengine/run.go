@@ -34,6 +34,12 @@ type engineFlags struct {
 	json        bool
 	metricsOut  string
 	top         int
+	limits      vmLimitFlags
+	// sync submits every trapped write synchronously (-sync; SEMANTICS.md
+	// section 7): each backend that supports it holds the writing vCPU
+	// until the write's closure is done (backends set it through
+	// syncBackend).
+	sync bool
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
@@ -52,7 +58,9 @@ func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.prof.Block, "blockprofile", "", "write a blocking profile to this file")
 	fs.BoolVar(&f.json, "json", false, "print the summary as one JSON document (schema vasengine-summary, version 1: see README) instead of the table")
 	fs.StringVar(&f.metricsOut, "metrics-out", "", "write the final Prometheus text exposition of /metrics to this file at exit")
+	fs.BoolVar(&f.sync, "sync", false, "synchronous delivery: every trapped write holds its vCPU until the engine has hooked, unhooked and called back for it (backends sim, kvm, qemu and replay; the summary shows the stall)")
 	fs.IntVar(&f.top, "top", 20, "summary table: the N VMs with the most events, then one row for the others (0: every VM)")
+	f.limits.register(fs)
 }
 
 func (f *engineFlags) config() (engine.Config, error) {
@@ -168,6 +176,14 @@ func cmdRun(args []string, stdout, stderr io.Writer, record bool) error {
 	if err != nil {
 		return err
 	}
+	if f.sync {
+		if record {
+			return usagef("record -sync: not supported (the trace recorder submits asynchronously)")
+		}
+		if err := setSync(b, f.backend); err != nil {
+			return err
+		}
+	}
 	var inputs []string
 	if f.backend == "replay" {
 		inputs = append(inputs, f.replay.file)
@@ -197,6 +213,20 @@ func (f *runFlags) pickBackend(stderr io.Writer) (backend, error) {
 		return f.replay.backend()
 	}
 	return nil, usagef("-backend %q: want sim, kvm, qemu or replay", f.backend)
+}
+
+// syncBackend is a backend that can submit synchronously (-sync).
+type syncBackend interface {
+	setSync() error
+}
+
+// setSync turns on b's synchronous delivery, or says it has none.
+func setSync(b backend, name string) error {
+	sb, ok := b.(syncBackend)
+	if !ok {
+		return usagef("-sync: -backend %s does not submit synchronously", name)
+	}
+	return sb.setSync()
 }
 
 // backend is where a run's guests come from.

@@ -19,6 +19,7 @@ import (
 	"github.com/vasengine/vasengine/pprof"
 	"github.com/vasengine/vasengine/trace"
 	"github.com/vasengine/vasengine/vasmon"
+	"github.com/vasengine/vasengine/vmlimit"
 )
 
 // A run ends within one second of being asked to stop (SIGINT, SIGTERM,
@@ -70,6 +71,7 @@ type session struct {
 	abandoned bool      // the supervisor gave up on the work; it must not write any more
 	e         *engine.Engine
 	prog      *progress
+	lim       *vmlimit.Host // the per-VM rate limit (nil: none)
 	o         outcome
 }
 
@@ -152,6 +154,9 @@ func (s *session) await(ctx context.Context, ch <-chan struct{}, d time.Duration
 // at most hardDeadline after a stop request; then it prints the summary and
 // writes the final metrics.
 func runSession(s *session) error {
+	if err := s.applyLimits(); err != nil {
+		return err
+	}
 	s.start = time.Now()
 	s.deadline = s.start.Add(s.duration)
 	base, cancel := context.WithCancelCause(context.Background())
@@ -327,7 +332,7 @@ func (s *session) work(ctx context.Context, cancel context.CancelCauseFunc) {
 		rec = trace.NewRecorder(bw, e)
 		host = rec
 	}
-	ah := newAbortHost(host, e)
+	ah := newAbortHost(s.limitHost(ctx, host), e)
 	s.setPhase("running")
 	s.update(func(o *outcome) { o.backendStart = time.Now() })
 	bdone := make(chan struct{})
@@ -500,4 +505,13 @@ func (h *abortHost) Sync(ctx context.Context) error {
 	c, done := h.bind(ctx)
 	defer done()
 	return h.e.Sync(c)
+}
+
+// SyncSubmitter implements backends.SyncHost: the engine's Syncers, until
+// abort.
+func (h *abortHost) SyncSubmitter(vm vasmon.VMID) (backends.Syncer, error) {
+	if h.ctx.Err() != nil {
+		return nil, engine.ErrClosed
+	}
+	return backends.NewSyncer(h.Host, vm)
 }

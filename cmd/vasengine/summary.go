@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -35,12 +36,13 @@ type progress struct {
 	peakTabs  int64
 	peakBytes int64
 	peakVM    map[vasmon.VMID]int64
+	peakFlood map[vasmon.VMID]int64 // flooded pages
 	printed   bool
 }
 
 func newProgress(e *engine.Engine, s *session, tty bool) *progress {
 	now := time.Now()
-	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}}
+	return &progress{e: e, s: s, tty: tty, last: now, start: now, peakVM: map[vasmon.VMID]int64{}, peakFlood: map[vasmon.VMID]int64{}}
 }
 
 func (p *progress) sample() {
@@ -54,6 +56,7 @@ func (p *progress) sample() {
 	}
 	for _, v := range st.PerVM {
 		p.peakVM[v.ID] = max(p.peakVM[v.ID], v.Tables)
+		p.peakFlood[v.ID] = max(p.peakFlood[v.ID], v.Flooded)
 	}
 	now := time.Now()
 	dt := now.Sub(p.last)
@@ -138,8 +141,11 @@ type summary struct {
 	OverBudget   uint64     `json:"over_budget"`
 	Panics       uint64     `json:"callback_panics"`
 	Latency      sumLatency `json:"latency_ns"`
+	Sync         *sumSync   `json:"sync,omitempty"`
 	Tables       sumTables  `json:"tables"`
 	Guest        sumGuest   `json:"guest_memory"`
+	Workers      sumWorkers `json:"workers"`
+	Limits       sumLimits  `json:"limits"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -159,6 +165,18 @@ type sumConfig struct {
 	BudgetNs    int64  `json:"budget_ns"`
 	NonBlocking bool   `json:"nonblocking"`
 	DurationNs  int64  `json:"duration_ns"`
+	Sync        bool   `json:"sync"`
+}
+
+// sumWorkers: where the shard workers ran and what sharing cost them.
+type sumWorkers struct {
+	// CPUs: per shard, the host CPU its worker is pinned to, -1 unpinned.
+	CPUs []int `json:"cpus"`
+	// Steals: shard steps run by another thread than the shard's worker
+	// (an idle peer, a synchronous submitter, a producer finding it full).
+	Steals uint64 `json:"steals"`
+	// SpinNs: time the workers spent polling idle queues.
+	SpinNs int64 `json:"spin_ns"`
 }
 
 type sumEnded struct {
@@ -207,6 +225,18 @@ type sumLatency struct {
 	Budget int64 `json:"budget"`
 }
 
+// sumSync is synchronous delivery's part (-sync, or any synchronous write):
+// the stall from trap to the vCPU's release, and the writes by verdict.
+type sumSync struct {
+	Writes  uint64 `json:"writes"`
+	P50Ns   int64  `json:"p50_ns"`
+	P99Ns   int64  `json:"p99_ns"`
+	P999Ns  int64  `json:"p999_ns"`
+	MaxNs   int64  `json:"max_ns"`
+	Allowed uint64 `json:"allowed"`
+	Denied  uint64 `json:"denied"`
+}
+
 type sumTables struct {
 	Peak          int64  `json:"peak"`
 	PeakHostBytes int64  `json:"peak_host_bytes"`
@@ -237,6 +267,11 @@ type sumVM struct {
 	PeakTables int64    `json:"peak_tables"`
 	Refused    int64    `json:"refused"`
 	Removed    bool     `json:"removed"`
+	// Throttled: events held or refused by -vm-max-rate, the time held;
+	// FloodedPeak: the most pages flooded at once (sampled).
+	Throttled      uint64 `json:"throttled"`
+	ThrottleWaitNs int64  `json:"throttle_wait_ns"`
+	FloodedPeak    int64  `json:"flooded_pages_peak"`
 }
 
 // summarize builds the summary of the session.
@@ -244,7 +279,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	now := time.Now()
 	sum := &summary{Schema: summarySchema, Version: summaryVersion, Command: s.command, Build: readBuildInfo(),
 		Config: sumConfig{Backend: backendName(s.b), Shards: s.cfg.Shards, QueueDepth: s.cfg.QueueDepth, Batch: s.cfg.MaxBatch,
-			BudgetNs: int64(s.cfg.Budget), NonBlocking: s.cfg.NonBlocking, DurationNs: int64(s.duration)},
+			BudgetNs: int64(s.cfg.Budget), NonBlocking: s.cfg.NonBlocking, DurationNs: int64(s.duration), Sync: s.flags.sync},
 		VMs: []sumVM{}, Warnings: []string{}, Errors: []string{}}
 	s.mu.Lock()
 	cause, stopAt := s.cause, s.stopAt
@@ -326,6 +361,10 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 	sum.Callbacks, sum.OverBudget, sum.Panics = st.Callbacks, st.OverBudget, st.Panics
 	l := &st.Latency
 	sum.Latency = sumLatency{P50: int64(l.Quantile(0.5)), P99: int64(l.Quantile(0.99)), P999: int64(l.Quantile(0.999)), Max: int64(l.Max()), Budget: int64(s.cfg.Budget)}
+	if ss := &st.SyncStall; ss.Count() > 0 || s.flags.sync {
+		sum.Sync = &sumSync{Writes: ss.Count(), P50Ns: ss.Quantile(0.5), P99Ns: ss.Quantile(0.99), P999Ns: ss.Quantile(0.999),
+			MaxNs: ss.Max(), Allowed: st.Allowed, Denied: st.Denied}
+	}
 	var peakTabs, peakBytes int64
 	peakVM := map[vasmon.VMID]int64{}
 	if prog != nil {
@@ -335,6 +374,10 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 		peakTabs, peakBytes = st.Tables, st.HostBytes
 	}
 	sum.Tables = sumTables{Peak: peakTabs, PeakHostBytes: peakBytes, Hooks: st.Hooks, Unhooks: st.Unhooks}
+	sum.Workers = sumWorkers{CPUs: []int{}, Steals: st.Steals, SpinNs: int64(st.Spin)}
+	for _, sh := range e.Shards() {
+		sum.Workers.CPUs = append(sum.Workers.CPUs, sh.CPU())
+	}
 	sum.Guest = sumGuest{StaleWrites: st.StaleWrites, StaleReads: st.StaleReads, Resyncs: st.Resyncs, ExpiredPartial: st.Expired}
 	if peakTabs > 0 {
 		sum.Tables.BytesPerTable = peakBytes / peakTabs
@@ -344,6 +387,7 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 			Rejected: v.Rejected, Callbacks: v.Callbacks, OverBudget: v.OverBudget, P50Ns: int64(v.LatencyQuantile(0.5)),
 			P99Ns: int64(v.LatencyQuantile(0.99)), PeakTables: max(peakVM[v.ID], v.Tables), Refused: v.Refused, Removed: v.Removed})
 	}
+	s.summarizeLimits(sum, st, prog)
 	if !o.backendStart.IsZero() {
 		r := s.b.report(now.Sub(o.backendStart))
 		sum.BackendStats, sum.backendLines = r.Stats, r.Lines
@@ -434,14 +478,23 @@ func (sum *summary) writeText(w io.Writer, top int) error {
 		fmt.Fprintf(ew, "trap-to-callback latency: p50 %v  p99 %v  p99.9 %v  max %v; budget %v, violated by %d of %d callbacks (%.3f%%)\n",
 			time.Duration(l.P50), time.Duration(l.P99), time.Duration(l.P999), time.Duration(l.Max), time.Duration(l.Budget),
 			sum.OverBudget, sum.Callbacks, pct(sum.OverBudget, sum.Callbacks))
+		if y := sum.Sync; y != nil {
+			fmt.Fprintf(ew, "synchronous writes: %d, stall (trap to the vCPU's release) p50 %v  p99 %v  p99.9 %v  max %v; verdicts: %d allow, %d deny\n",
+				y.Writes, time.Duration(y.P50Ns), time.Duration(y.P99Ns), time.Duration(y.P999Ns), time.Duration(y.MaxNs), y.Allowed, y.Denied)
+		}
 		t := sum.Tables
 		fmt.Fprintf(ew, "tables: peak %d hooked, %s of host memory, %d bytes per table; %d hooks, %d unhooks (%.3f per event); %d shards, %d callback panics\n",
 			t.Peak, bytesStr(t.PeakHostBytes), t.BytesPerTable, t.Hooks, t.Unhooks,
 			float64(t.Hooks+t.Unhooks)/float64(max(1, ev.Processed)), sum.Config.Shards, sum.Panics)
+		if w := sum.Workers; len(w.CPUs) > 0 {
+			fmt.Fprintf(ew, "workers: %s; %d steps run by other threads (idle peers, synchronous submitters), %v polling idle queues\n",
+				pinStr(w.CPUs), w.Steals, time.Duration(w.SpinNs).Round(time.Microsecond))
+		}
 		if g := sum.Guest; g != (sumGuest{}) {
 			fmt.Fprintf(ew, "guest memory ahead of the queues: %d writes dropped (a later read of their page held them), %d tables no longer linked when read (not reported), %d pages read again (a value no longer in memory), %d partial writes ended by their timeout\n",
 				g.StaleWrites, g.StaleReads, g.Resyncs, g.ExpiredPartial)
 		}
+		sum.writeLimits(ew, top)
 		for _, l := range sum.backendLines {
 			fmt.Fprintln(ew, l)
 		}
@@ -507,4 +560,21 @@ func pct(a, b uint64) float64 {
 		return 0
 	}
 	return 100 * float64(a) / float64(b)
+}
+
+// pinStr says where the shard workers run: "2 unpinned" or "pinned to CPUs 0,1".
+func pinStr(cpus []int) string {
+	var pinned []string
+	for _, c := range cpus {
+		if c >= 0 {
+			pinned = append(pinned, strconv.Itoa(c))
+		}
+	}
+	switch {
+	case len(pinned) == 0:
+		return fmt.Sprintf("%d unpinned (the scheduler places them)", len(cpus))
+	case len(pinned) == len(cpus):
+		return "pinned to CPUs " + strings.Join(pinned, ",")
+	}
+	return fmt.Sprintf("%d pinned (CPUs %s), %d unpinned", len(pinned), strings.Join(pinned, ","), len(cpus)-len(pinned))
 }
