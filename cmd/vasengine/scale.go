@@ -21,6 +21,7 @@ import (
 	"github.com/vasengine/vasengine/shard"
 	"github.com/vasengine/vasengine/trace"
 	"github.com/vasengine/vasengine/vasmon"
+	"github.com/vasengine/vasengine/vmlimit"
 )
 
 // A plan is measured at its own scale (issue 18): the engine's latency
@@ -220,7 +221,10 @@ type scaler struct {
 	step, warm time.Duration
 	stderr     io.Writer
 	results    map[int]*scaleResult
-	firstN     int // the VMs measured first (their bursts metered)
+	// limit is the per-VM events/s limit of the planned configuration
+	// (-vm-max-rate; Rate 0: none), in front of the engine as in a run.
+	limit  vmlimit.Config
+	firstN int // the VMs measured first (their bursts metered)
 	// memMeasured: the plan's tables per VM and bytes per table are
 	// measured (not given by a snapshot or report).
 	memMeasured bool
@@ -245,13 +249,23 @@ func (s *scaler) measure(n int, window time.Duration, bursts bool) (*scaleResult
 		return nil, usagef("%v", err)
 	}
 	defer e.Close()
-	bh := &burstHost{Host: e}
-	var host engine.Host = e
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var front engine.Host = e
+	if s.limit.Rate > 0 {
+		lc := s.limit
+		lc.NonBlocking, lc.Done = s.cfg.NonBlocking, ctx.Done()
+		lim, err := vmlimit.New(e, lc)
+		if err != nil {
+			return nil, usagef("%v", err)
+		}
+		front = lim
+	}
+	bh := &burstHost{Host: front}
+	host := front
 	if bursts {
 		host = bh
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	upc := make(chan struct{})
 	var once sync.Once
 	done := make(chan error, 1)

@@ -11,6 +11,7 @@ import (
 	"github.com/vasengine/vasengine/backends/sim"
 	"github.com/vasengine/vasengine/engine"
 	"github.com/vasengine/vasengine/plan"
+	"github.com/vasengine/vasengine/vmlimit"
 )
 
 // verifyFlags are plan's flags for measuring at scale and verifying.
@@ -72,6 +73,10 @@ func (f *planFlags) planAtScale(in plan.Inputs, wl plan.Workload, drv driver, st
 	var err error
 	if sc.cfg, err = f.engineFlags.config(); err != nil {
 		return nil, nil, err
+	}
+	sc.limit = vmlimit.Config{Rate: f.limits.maxRate, Burst: f.limits.burst}
+	if sc.limit.Rate > 0 {
+		sc.rate = min(sc.rate, sc.limit.Rate) // what reaches the engine
 	}
 	baseBPT, baseTables := in.BytesPerTable, wl.TablesPerVM
 	// The workload's tables and bytes per table: of the measurement at
@@ -158,6 +163,9 @@ func abs(x int) int { return max(x, -x) }
 // on the curve; its limits are the constraints' capacities after headroom.
 func promiseOf(p *plan.Plan, sc *scaler, drv driver) plan.Promise {
 	w := p.Workload
+	if p.Limits.MaxRate > 0 {
+		w.RatePerVM = min(w.RatePerVM, p.Limits.MaxRate) // what reaches the engine
+	}
 	pr := plan.Promise{VMs: p.VMs, VCPUs: max(w.VCPUsPerVM, 1), RatePerVM: w.RatePerVM, Budget: p.Budget,
 		Events: w.RatePerVM * float64(drv.vms(p.VMs)), QueuePeak: float64(p.VMs) * w.BurstPerVM,
 		BytesPerTable: p.BytesPerTable, MemBytes: float64(drv.vms(p.VMs)) * w.TablesPerVM * p.BytesPerTable}
@@ -202,6 +210,15 @@ func (f *planFlags) verifyCommand(pr plan.Promise) string {
 	if f.nonblocking {
 		args = append(args, "-nonblocking")
 	}
+	if f.limits.maxRate > 0 {
+		args = append(args, "-vm-max-rate", strconv.FormatFloat(f.limits.maxRate, 'f', -1, 64))
+		if f.limits.burst > 0 {
+			args = append(args, "-vm-max-burst", strconv.Itoa(f.limits.burst))
+		}
+	}
+	if f.limits.share > 0 {
+		args = append(args, "-vm-share", strconv.Itoa(f.limits.share))
+	}
 	args = append(args, "-seed", strconv.FormatUint(f.seed, 10), "-promise", pr.String())
 	return strings.Join(args, " ")
 }
@@ -235,7 +252,11 @@ func (f *planFlags) writeVerifyCommand(w io.Writer, p *plan.Plan, pr plan.Promis
 // runVerify runs the promised configuration for -verify-duration and
 // compares; a broken promise is an error (exit status 1).
 func (f *planFlags) runVerify(cfg engine.Config, drv driver, pr plan.Promise, stdout, stderr io.Writer) error {
-	sc := &scaler{cfg: cfg, drv: drv, rate: pr.RatePerVM, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{}}
+	sc := &scaler{cfg: cfg, drv: drv, rate: pr.RatePerVM, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{},
+		limit: vmlimit.Config{Rate: f.limits.maxRate, Burst: f.limits.burst}}
+	if sc.limit.Rate > 0 {
+		sc.rate = min(sc.rate, sc.limit.Rate)
+	}
 	fmt.Fprintf(stderr, "plan: verifying: %s, for %v\n", drv.describe(pr.VMs), f.vf.duration)
 	r, err := sc.measure(pr.VMs, f.vf.duration, false)
 	if err != nil {
