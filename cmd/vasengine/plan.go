@@ -114,7 +114,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return usagef("-profile: %v", err)
 	}
 	if f.vf.promise != "" {
-		return f.verifyPromise(cfg, stdout, stderr)
+		return f.verifyPromise(cfg, set["vm-rate"], stdout, stderr)
 	}
 	mem, err := memBytes(f.mem)
 	if err != nil {

@@ -201,6 +201,10 @@ func (f *planFlags) verifyCommand(pr plan.Promise) string {
 		args = append(args, "-prom", shellQuote(f.promPath), "-profile", f.profile)
 	default:
 		args = append(args, "-profile", f.profile)
+		if f.vmRate != pr.RatePerVM {
+			// The workload offers more than its limit lets through.
+			args = append(args, "-vm-rate", strconv.FormatFloat(f.vmRate, 'f', -1, 64))
+		}
 	}
 	args = append(args, "-shards", strconv.Itoa(f.shards), "-queue-depth", strconv.Itoa(f.queue), "-batch", strconv.Itoa(f.batch),
 		"-budget", f.budget.String())
@@ -291,7 +295,7 @@ func writePrediction(w io.Writer, p *plan.Plan, pr plan.Promise) {
 
 // verifyPromise is `plan -verify -promise ...`: the promise's
 // configuration run and compared, nothing planned again.
-func (f *planFlags) verifyPromise(cfg engine.Config, stdout, stderr io.Writer) error {
+func (f *planFlags) verifyPromise(cfg engine.Config, vmRateSet bool, stdout, stderr io.Writer) error {
 	pr, err := plan.ParsePromise(f.vf.promise)
 	if err != nil {
 		return usagef("-promise: %v", err)
@@ -316,5 +320,9 @@ func (f *planFlags) verifyPromise(cfg engine.Config, stdout, stderr io.Writer) e
 			return err
 		}
 	}
-	return f.runVerify(cfg, f.workloadDriver(pr.RatePerVM, traceVMs), pr, stdout, stderr)
+	offered := pr.RatePerVM
+	if vmRateSet && f.tracePath == "" && f.promPath == "" {
+		offered = f.vmRate // the workload's rate, over a -vm-max-rate limit
+	}
+	return f.runVerify(cfg, f.workloadDriver(offered, traceVMs), pr, stdout, stderr)
 }
