@@ -141,6 +141,10 @@ func (p *Plan) WriteTable(w io.Writer) error {
 		fmt.Fprintf(&b, "\nplan: unbounded: the workload uses none of the constrained resources\n")
 	case p.VMs == 0:
 		fmt.Fprintf(&b, "\nplan: no VM fits within the budget of %v, bound by %s\n", p.Budget, bind)
+		if ps := p.Curve.sorted(); bind == CPU && p.RateWithin == 0 && len(ps) > 0 && !ps[0].Saturated && ps[0].P99 > p.Budget {
+			fmt.Fprintf(&b, "  this engine does not meet a p99 of %v on this host: the lightest load measured (%s, %s events/s) had p99 %s\n",
+				p.Budget, ps[0].Label, SI(ps[0].Rate()), dur(ps[0].P99))
+		}
 		if len(p.Alternatives) == 0 {
 			b.WriteString("  no budget the curve measured would fit one: the binding resource is not the latency\n")
 		}

@@ -36,6 +36,7 @@ type planFlags struct {
 	step                                      time.Duration
 	quick                                     bool
 	seed                                      uint64
+	vf                                        verifyFlags
 }
 
 // defaultVMRate is -vm-rate's default, the same as run's -rate.
@@ -57,7 +58,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.promPath, "prom", "", "take the workload from this Prometheus text snapshot of vasengine's /metrics")
 	fs.StringVar(&f.promTime, "prom-time", "", "when the -prom snapshot was scraped (RFC 3339 or Unix seconds; default: its samples' timestamps, else the file's modification time)")
 	fs.IntVar(&f.vcpus, "vcpus", 2, "vCPUs per VM (of the planned VMs, and of the simulated ones)")
-	fs.IntVar(&f.vms, "vms", 8, "simulated VMs driving the engine while measuring")
+	fs.IntVar(&f.vms, "vms", 8, "VMs of the workload measured first (the search for the planned VMs starts there; with -from-report, the simulated VMs measuring the workload)")
 	fs.Float64Var(&f.headroom, "headroom", 0.2, "fraction of every resource (CPU rate within budget, queues, memory) kept free, in [0, 1)")
 	fs.StringVar(&f.mem, "mem", "", "host memory the tables may use, e.g. 8GiB (K, M, G, T are powers of 1024; default: half of MemTotal)")
 	fs.Float64Var(&f.vmBurst, "vm-burst", 0, "most events one VM submits within 1 ms (default: measured; for -prom, assumed)")
@@ -65,6 +66,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
 	fs.BoolVar(&f.quick, "quick", false, "a short measurement (4 runs of 150 ms; overrides -step): a smoke test, not a plan")
 	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
+	f.vf.register(fs)
 }
 
 // cmdPlan is "vasengine plan": how many VMs this host can monitor within the
@@ -105,8 +107,14 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	case set["prom-time"] && f.promPath == "":
 		return usagef("plan: -prom-time needs -prom")
 	}
+	if err := f.vf.check(set); err != nil {
+		return err
+	}
 	if _, err := sim.LookupProfile(f.profile); err != nil {
 		return usagef("-profile: %v", err)
+	}
+	if f.vf.promise != "" {
+		return f.verifyPromise(cfg, set["vm-rate"], stdout, stderr)
 	}
 	mem, err := memBytes(f.mem)
 	if err != nil {
@@ -170,52 +178,78 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		wl = &w
 	}
 
-	// Measure what the inputs do not give.
-	m := &measurer{cfg: cfg, sim: sim.Config{VMs: f.vms, VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed},
-		step: f.step, warm: 100 * time.Millisecond, stderr: stderr}
-	loads := []int{10, 25, 50, 75, 95}
-	if f.quick {
-		m.step, m.warm, loads = 150*time.Millisecond, 20*time.Millisecond, []int{30, 90}
-	}
-	var pts []plan.Point
-	if wl == nil || in.BytesPerTable == 0 {
-		r, err := m.phase("workload", f.vmRate, true)
-		if err != nil {
-			return err
+	// Measure what the inputs do not give: with a curve from a report,
+	// the workload's tables and bursts in the simulator; else the curve
+	// itself, with the workload at the scale of the plan.
+	var sc *scaler
+	var drv driver
+	var p *plan.Plan
+	if in.Curve.Points != nil {
+		m := &measurer{cfg: cfg, sim: sim.Config{VMs: f.vms, VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed},
+			step: f.step, warm: 100 * time.Millisecond, stderr: stderr}
+		if f.quick {
+			m.step, m.warm = 150*time.Millisecond, 20*time.Millisecond
 		}
-		pts = append(pts, r.pt)
-		if r.tables > 0 {
-			in.BytesPerTable = float64(r.bytes) / float64(r.tables)
-			bptNote = fmt.Sprintf("bytes per table: measured now in the simulator (profile %s, at the peak of %d hooked tables)", f.profile, r.tables)
-		}
-		if wl == nil {
-			wl = &plan.Workload{Source: fmt.Sprintf("simulator profile %s at %s events/s per VM (the rate given by -vm-rate)", f.profile, plan.SI(f.vmRate)),
-				VMs: f.vms, RatePerVM: f.vmRate, TablesPerVM: float64(r.tables) / float64(f.vms), BurstPerVM: float64(r.burst),
-				Notes: []string{fmt.Sprintf("tables and bursts measured in the simulator: %d VMs x %d vCPUs, %d processes each at start", f.vms, f.vcpus, m.sim.Processes)}}
-			if r.pt.Saturated {
-				wl.Notes = append(wl.Notes, fmt.Sprintf("the simulator made only %s of the %s events/s per VM asked (the profile or this host cannot go faster): the plan uses the rate asked",
-					plan.SI(r.pt.Achieved/float64(f.vms)), plan.SI(f.vmRate)))
-			}
-		}
-	}
-	if in.Curve.Points == nil {
-		top, err := m.phase("max", 0, false)
-		if err != nil {
-			return err
-		}
-		pts = append(pts, top.pt)
-		for _, pct := range loads {
-			r, err := m.phase(fmt.Sprintf("load=%d%%", pct), top.pt.Achieved*float64(pct)/100/float64(f.vms), false)
+		if wl == nil || in.BytesPerTable == 0 {
+			r, err := m.phase("workload", f.vmRate, true)
 			if err != nil {
 				return err
 			}
-			pts = append(pts, r.pt)
+			if r.tables > 0 {
+				in.BytesPerTable = float64(r.bytes) / float64(r.tables)
+				bptNote = fmt.Sprintf("bytes per table: measured now in the simulator (profile %s, at the peak of %d hooked tables)", f.profile, r.tables)
+			}
+			if wl == nil {
+				wl = &plan.Workload{Source: fmt.Sprintf("simulator profile %s at %s events/s per VM (the rate given by -vm-rate)", f.profile, plan.SI(f.vmRate)),
+					VMs: f.vms, RatePerVM: f.vmRate, TablesPerVM: float64(r.tables) / float64(f.vms), BurstPerVM: float64(r.burst),
+					Notes: []string{fmt.Sprintf("tables and bursts measured in the simulator: %d VMs x %d vCPUs, %d processes each at start", f.vms, f.vcpus, m.sim.Processes)}}
+				if r.pt.Saturated {
+					wl.Notes = append(wl.Notes, fmt.Sprintf("the simulator made only %s of the %s events/s per VM asked (the profile or this host cannot go faster): the plan uses the rate asked",
+						plan.SI(r.pt.Achieved/float64(f.vms)), plan.SI(f.vmRate)))
+				}
+			}
 		}
-		in.Curve = plan.Curve{Points: pts, Source: fmt.Sprintf("measured now on %s: %d shards, queue depth %d, batch %d; simulator profile %s, %d VMs x %d vCPUs on the same CPUs; %v a point, loads as %% of the closed-loop max",
-			machine(), cfg.Shards, cfg.QueueDepth, cfg.MaxBatch, f.profile, f.vms, f.vcpus, m.step)}
+	} else {
+		if wl == nil {
+			wl = &plan.Workload{Source: fmt.Sprintf("simulator profile %s at %s events/s per VM (the rate given by -vm-rate)", f.profile, plan.SI(f.vmRate)),
+				VMs: f.vms, RatePerVM: f.vmRate}
+		}
+		if f.vmBurst > 0 {
+			wl.BurstPerVM = f.vmBurst
+		}
+		wl.VCPUsPerVM = f.vcpus
+		drv = f.workloadDriver(wl.RatePerVM, wl.VMs)
+		measured := in.BytesPerTable == 0
+		in.Notes = []string{memNote, bptNote}
+		var err error
+		if p, sc, err = f.planAtScale(in, *wl, drv, stderr, wl.BurstPerVM == 0); err != nil {
+			return err
+		}
+		in = p.Inputs
+		wl = &in.Workload
+		if measured {
+			in.Notes[1] = "bytes per table: measured at the planned VMs (or the nearest measured), as the run summary counts them: host bytes at the sampled peak of hooked tables"
+		}
+		if f.tracePath != "" {
+			wl.Notes = append(wl.Notes, "events/s per VM: what the trace's replay at its recorded pace made per VM (synthetic writes and restarts included), measured")
+		}
+		if f.promPath != "" {
+			wl.Notes = append(wl.Notes, fmt.Sprintf("the snapshot's workload is measured (and verified) as simulator profile %s at its rate per VM", f.profile))
+		}
+		if sc.results[sc.firstN].burst > 0 && f.vmBurst == 0 && f.promPath == "" && f.tracePath == "" {
+			wl.Notes = append(wl.Notes, fmt.Sprintf("burst measured with %d VMs", sc.firstN))
+		}
+		if sc.memMeasured {
+			wl.Notes = append(wl.Notes, "tables per VM: measured at the planned VMs (or the nearest measured), the sampled peak of hooked tables")
+		}
+		in.Curve.Source = fmt.Sprintf("measured now at the plan's scale on %s: %d shards, queue depth %d, batch %d; each point: %s for %v after a %v warm-up",
+			machine(), cfg.Shards, cfg.QueueDepth, cfg.MaxBatch, drv.describe(0), sc.step, sc.warm)
+		if _, ok := sc.results[p.VMs]; !ok && p.VMs > 0 && p.VMs < plan.Unbounded {
+			in.Curve.Notes = append(in.Curve.Notes, fmt.Sprintf("the planned %d VMs were not measured (-scale-runs %d spent): the prediction is interpolated", p.VMs, f.vf.runs))
+		}
 	}
 	if snap != nil {
-		addSnapshotPoint(&in.Curve, snap, cfg.Budget)
+		addSnapshotPoint(&in.Curve, snap, cfg.Budget, sc == nil)
 	}
 	if f.vmBurst > 0 {
 		wl.BurstPerVM = f.vmBurst
@@ -223,10 +257,17 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	}
 	wl.VCPUsPerVM = f.vcpus
 	in.Workload = *wl
-	in.Notes = []string{memNote, bptNote}
-	p, err := plan.Compute(in)
+	if sc == nil {
+		in.Notes = []string{memNote, bptNote}
+		drv = f.workloadDriver(wl.RatePerVM, wl.VMs)
+	}
+	p, err = plan.Compute(in)
 	if err != nil {
 		return usagef("plan: %v", err)
+	}
+	pr := promiseOf(p, sc, drv)
+	if p.VMs > 0 && p.VMs < plan.Unbounded {
+		p.LoadP99 = pr.P99 // the measurement at the planned VMs, when there is one
 	}
 	if err := p.WriteTable(stdout); err != nil {
 		return err
@@ -234,36 +275,50 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	if len(p.Inversions) > 0 {
 		fmt.Fprintf(stderr, "vasengine: warning: the cost curve is not monotone (a measurement problem): the plan is not to be trusted\n")
 	}
-	if plotPath == "" {
+	writePrediction(stdout, p, pr)
+	f.writeVerifyCommand(stdout, p, pr)
+	if plotPath != "" {
+		svg, err := p.PlotSVG()
+		if err != nil {
+			return fmt.Errorf("plan: plot: %w", err)
+		}
+		if err := writeOutput("-plot", plotPath, svg); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "plot: %s\n", plotPath)
+	}
+	if !f.vf.verify {
 		return nil
 	}
-	svg, err := p.PlotSVG()
-	if err != nil {
-		return fmt.Errorf("plan: plot: %w", err)
+	if p.VMs == 0 || p.VMs == plan.Unbounded {
+		return fmt.Errorf("verify: the plan has no configuration to run (%s VMs)", map[bool]string{true: "0", false: "unbounded"}[p.VMs == 0])
 	}
-	if err := writeOutput("-plot", plotPath, svg); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "plot: %s\n", plotPath)
-	return nil
+	return f.runVerify(cfg, drv, pr, stdout, stderr)
 }
 
 // addSnapshotPoint puts what a Prometheus snapshot measured (its p99 at its
-// own mean load) into the curve, and says when it contradicts the curve.
-func addSnapshotPoint(c *plan.Curve, snap *plan.Snapshot, budget time.Duration) {
+// own mean load) into the curve if inCurve (not into a curve measured at
+// the plan's scale: the snapshot is of another scale, over its whole
+// uptime), and says when it contradicts the curve.
+func addSnapshotPoint(c *plan.Curve, snap *plan.Snapshot, budget time.Duration, inCurve bool) {
 	pt, ok := snap.Point()
 	if !ok {
 		c.Notes = append(c.Notes, "the snapshot has no callback latency measured: the plan rests on the curve alone")
 		return
 	}
 	want := c.P99At(pt.Rate())
-	c.Points = append(c.Points, pt)
+	where := fmt.Sprintf("it is in the curve as the point %q", pt.Label)
+	if inCurve {
+		c.Points = append(c.Points, pt)
+	} else {
+		where = "it is not a point of this curve (another scale, over the whole uptime)"
+	}
 	beyond := ""
 	if snap.P99Beyond {
 		beyond = " (beyond the histogram's last bucket)"
 	}
-	note := fmt.Sprintf("the snapshot measured p99 %s%s over %.0f callbacks at its mean load of %s events/s; it is in the curve as the point %q",
-		plan.Dur(pt.P99), beyond, snap.Callbacks, plan.SI(pt.Rate()), pt.Label)
+	note := fmt.Sprintf("the snapshot measured p99 %s%s over %.0f callbacks at its mean load of %s events/s; %s",
+		plan.Dur(pt.P99), beyond, snap.Callbacks, plan.SI(pt.Rate()), where)
 	switch {
 	case (pt.P99 > budget) != (want > budget):
 		note += fmt.Sprintf("; it CONTRADICTS the cost curve, which gives %s at that load (budget %v): the curve was not measured under this host's conditions", plan.Dur(want), budget)
