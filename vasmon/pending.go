@@ -74,14 +74,19 @@ func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Writ
 			}
 		}
 	}
-	// The last value acted on, or the backend's read of the entry if it
-	// agrees with it in the structural bits (it may be fresher in A/D).
+	// The last value acted on, with the bits no table of the page
+	// monitors taken from the backend's read of the entry (it may be
+	// fresher in A/D). The bits acted on always come from the shadow: the
+	// backend's read may be ahead of it (a write of the entry the store
+	// could not apply yet, its page to be read again), and a change the
+	// tables have not reported must not become their "old" value.
 	cur := s.entry(ph, eoff, p.esz)
-	if pi < 0 && first && w.HasOld && (w.Old^cur)&oldTrustMask == 0 {
-		cur = w.Old
+	if pi < 0 && first && w.HasOld {
+		o := w.Old
 		if esz == 4 {
-			cur &= 0xFFFFFFFF
+			o &= 0xFFFFFFFF
 		}
+		cur = cur&p.mon | o&^p.mon
 	}
 	switch {
 	case n == esz || n <= 2:

@@ -200,12 +200,6 @@ const maxTableEntries = 1024
 // it has.
 const DefaultPendingTimeout = 1_000_000
 
-// oldTrustMask: a backend's Write.Old is used instead of the shadow value
-// only when the two agree in these bits (P, PS, table address). They differ
-// only when the shadow is ahead of the event (the page was read after the
-// write was made), and the tables hooked follow the shadow.
-const oldTrustMask = BitP | BitPS | 0x000FFFFFFFFFF000
-
 // Store holds table nodes and page shadows and applies the per-table step.
 // One Store is owned by one goroutine at a time: the Monitor, or whoever
 // holds the engine shard whose pages it holds. It is not safe for
