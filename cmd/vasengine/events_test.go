@@ -10,6 +10,9 @@ import (
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+
+	"github.com/vasengine/vasengine/trace"
+	"github.com/vasengine/vasengine/vasmon"
 )
 
 // TestEventsOut: run -events-out - puts only JSON lines on standard output
@@ -60,6 +63,36 @@ func TestEventsOut(t *testing.T) {
 	}
 	if matched > float64(lines) || fams["vasengine_events_dropped_total"] == nil {
 		t.Errorf("matched_total %v, %d lines", matched, lines)
+	}
+}
+
+// TestEventStreamSummary: with an event output, the JSON summary has the
+// pipeline's totals (event_stream), and its sink emitted every line of the
+// file; without one, the object is absent.
+func TestEventStreamSummary(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "events.jsonl")
+	const flags = vasmon.BitP | vasmon.BitRW | vasmon.BitUS
+	recs := []trace.Record{{Kind: trace.KindVMAdd, VM: 1, RAM: 16 << 20},
+		aliasPage(0x1000, 0x2000, 1), aliasPage(0x2000, 0x3000, 1), aliasPage(0x3000, 0x4000, 1),
+		{Kind: trace.KindRootStart, VM: 1, CR3: 0x1000, Mode: vasmon.Mode4, Monitored: ^uint64(0)}}
+	for i := uint64(0); i < 64; i++ { // executable user pages appear
+		recs = append(recs, trace.Record{Kind: trace.KindEvent, VM: 1, GPA: 0x4000 + 8*i, Size: 8, Data: (0x100000 + i<<12) | flags})
+	}
+	tr := writeTrace(t, recs...)
+	code, sum, stderr := replayJSON(t, "-events-out", out, tr)
+	if code != 0 || sum.Stream == nil || len(sum.Stream.Sinks) != 1 {
+		t.Fatalf("exit %d, event_stream %+v: %s", code, sum.Stream, stderr)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, lines := sum.Stream, uint64(strings.Count(string(b), "\n"))
+	if st.Records == 0 || st.Matched == 0 || st.Sinks[0].Emitted != lines || st.Sinks[0].Emitted+st.Sinks[0].Dropped != st.Matched {
+		t.Fatalf("event_stream %+v (sink %+v), %d lines in the file", st, st.Sinks[0], lines)
+	}
+	if code, sum, stderr := replayJSON(t, tr); code != 0 || sum.Stream != nil {
+		t.Fatalf("no event output: exit %d, event_stream %+v: %s", code, sum.Stream, stderr)
 	}
 }
 

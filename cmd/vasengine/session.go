@@ -86,8 +86,9 @@ type outcome struct {
 	drainEnd     time.Time
 	drained      bool
 	traceErr     error
-	eventsErr    error // the event pipeline's outputs
-	traceDone    bool  // the trace was written and renamed into place
+	eventsErr    error         // the event pipeline's outputs
+	eventStats   *events.Stats // the event pipeline's totals once closed (nil: no pipeline)
+	traceDone    bool          // the trace was written and renamed into place
 	profErr      error
 }
 
@@ -477,8 +478,9 @@ func (s *session) closeEvents(ctx context.Context, pl *events.Pipeline) {
 		cancel()
 		<-done
 	}
-	s.logf("%v", pl.Stats())
-	s.update(func(o *outcome) { o.eventsErr = err })
+	st := pl.Stats()
+	s.logf("%v", st)
+	s.update(func(o *outcome) { o.eventsErr, o.eventStats = err, &st })
 }
 
 // abortHost passes a backend's calls to the host until abort; then the

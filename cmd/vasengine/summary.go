@@ -129,23 +129,26 @@ const (
 )
 
 type summary struct {
-	Schema       string     `json:"schema"`
-	Version      int        `json:"version"`
-	Command      string     `json:"command"`
-	Build        buildInfo  `json:"build"`
-	Config       sumConfig  `json:"config"`
-	Ended        sumEnded   `json:"ended"`
-	Events       sumEvents  `json:"events"`
-	Kinds        sumKinds   `json:"kinds"`
-	Callbacks    uint64     `json:"callbacks"`
-	OverBudget   uint64     `json:"over_budget"`
-	Panics       uint64     `json:"callback_panics"`
-	Latency      sumLatency `json:"latency_ns"`
-	Sync         *sumSync   `json:"sync,omitempty"`
-	Tables       sumTables  `json:"tables"`
-	Guest        sumGuest   `json:"guest_memory"`
-	Workers      sumWorkers `json:"workers"`
-	Limits       sumLimits  `json:"limits"`
+	Schema     string     `json:"schema"`
+	Version    int        `json:"version"`
+	Command    string     `json:"command"`
+	Build      buildInfo  `json:"build"`
+	Config     sumConfig  `json:"config"`
+	Ended      sumEnded   `json:"ended"`
+	Events     sumEvents  `json:"events"`
+	Kinds      sumKinds   `json:"kinds"`
+	Callbacks  uint64     `json:"callbacks"`
+	OverBudget uint64     `json:"over_budget"`
+	Panics     uint64     `json:"callback_panics"`
+	Latency    sumLatency `json:"latency_ns"`
+	Sync       *sumSync   `json:"sync,omitempty"`
+	Tables     sumTables  `json:"tables"`
+	Guest      sumGuest   `json:"guest_memory"`
+	Workers    sumWorkers `json:"workers"`
+	Limits     sumLimits  `json:"limits"`
+	// Stream: the event pipeline's totals (-events-out, -nats); absent
+	// without one.
+	Stream       *sumStream `json:"event_stream,omitempty"`
 	VMs          []sumVM    `json:"vms"`
 	BackendStats any        `json:"backend_stats"`
 	Warnings     []string   `json:"warnings"`
@@ -166,6 +169,23 @@ type sumConfig struct {
 	NonBlocking bool   `json:"nonblocking"`
 	DurationNs  int64  `json:"duration_ns"`
 	Sync        bool   `json:"sync"`
+}
+
+// sumStream: the event pipeline's totals (package events).
+type sumStream struct {
+	Records      uint64         `json:"records"`       // records the pipeline took from the callbacks
+	HandoffDrops uint64         `json:"handoff_drops"` // dropped before the rules (a full lane, -on-full drop)
+	Matched      uint64         `json:"matched"`       // rule matches (a record matching two rules counts two)
+	Sinks        []sumEventSink `json:"sinks"`
+}
+
+type sumEventSink struct {
+	Name    string `json:"name"`
+	Emitted uint64 `json:"emitted"`
+	Dropped uint64 `json:"dropped"`
+	Spooled uint64 `json:"spooled"`
+	Acked   uint64 `json:"acked"`
+	Errors  uint64 `json:"errors"`
 }
 
 // sumWorkers: where the shard workers ran and what sharing cost them.
@@ -377,6 +397,13 @@ func (s *session) summarize(e *engine.Engine, prog *progress, o outcome, finishe
 		peakTabs, peakBytes = st.Tables, st.HostBytes
 	}
 	sum.Tables = sumTables{Peak: peakTabs, PeakHostBytes: peakBytes, Hooks: st.Hooks, Unhooks: st.Unhooks}
+	if es := o.eventStats; es != nil {
+		ev := &sumStream{Records: es.Records, HandoffDrops: es.HandoffDrops, Matched: es.Matched, Sinks: []sumEventSink{}}
+		for _, k := range es.Sinks {
+			ev.Sinks = append(ev.Sinks, sumEventSink{Name: k.Name, Emitted: k.Emitted, Dropped: k.Dropped, Spooled: k.Spooled, Acked: k.Acked, Errors: k.Errors})
+		}
+		sum.Stream = ev
+	}
 	sum.Workers = sumWorkers{CPUs: []int{}, Steals: st.Steals, SpinNs: int64(st.Spin)}
 	for _, sh := range e.Shards() {
 		sum.Workers.CPUs = append(sum.Workers.CPUs, sh.CPU())
