@@ -546,7 +546,9 @@ type Stats struct {
 type SinkStats struct {
 	Name                             string
 	Emitted, Dropped, Spooled, Acked uint64
-	Errors                           uint64
+	// Errors counts failed Write calls: one per batch, and a batch holds
+	// as many matches as were waiting, so Errors is at most Dropped.
+	Errors uint64
 }
 
 // Stats returns the pipeline's totals so far.

@@ -95,7 +95,9 @@ func TestWriteError(t *testing.T) {
 		t.Fatal("no error")
 	}
 	st := p.Stats()
-	if st.Sinks[0].Dropped != 2 || st.Sinks[0].Errors != 1 || st.Sinks[0].Emitted != 0 {
+	// The record's two matches are written in one batch or two, as the
+	// sink goroutine happens to find them: one or two failed writes.
+	if e := st.Sinks[0].Errors; st.Sinks[0].Dropped != 2 || e < 1 || e > 2 || st.Sinks[0].Emitted != 0 {
 		t.Errorf("stats %+v (%v)", st, err)
 	}
 }
