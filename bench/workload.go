@@ -176,7 +176,7 @@ func (w *Workload) Store(v int, dst, evs []shard.Event) {
 	g := w.Guests[v]
 	for i := range evs {
 		ev := evs[i]
-		ev.Ver = g.Ver.BeginWrite(ev.GPA)
+		ev.Ver, ev.Stamped = g.Ver.BeginWrite(ev.GPA), true
 		_, _ = g.Mem.WriteUint(ev.GPA, int(ev.Size), ev.Data)
 		g.Ver.EndWrite(ev.GPA)
 		dst[i] = ev

@@ -31,9 +31,16 @@ func submitTo(e *engine.Engine) bench.Submitter {
 // saturating closed-loop load, and allocations per event.
 func BenchmarkEngine(b *testing.B) {
 	w := benchWorkload()
-	for _, shards := range []int{1, 2} {
-		b.Run(fmt.Sprintf("shards=%d", shards), func(b *testing.B) {
-			e, err := engine.New(engine.Config{Shards: shards})
+	for _, c := range []struct {
+		shards int
+		pin    bool
+	}{{1, false}, {2, false}, {1, true}, {2, true}} {
+		name := fmt.Sprintf("shards=%d", c.shards)
+		if c.pin {
+			name += "/pinned"
+		}
+		b.Run(name, func(b *testing.B) {
+			e, err := engine.New(engine.Config{Shards: c.shards, Pin: c.pin})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -55,6 +62,9 @@ func BenchmarkEngine(b *testing.B) {
 			st.Latency.Sub(&base.Latency)
 			b.ReportMetric(float64(n)/el.Seconds(), "events/s")
 			b.ReportMetric(float64(st.Latency.Quantile(0.99)), "p99-ns")
+			if p := st.Proofs + st.StampProofs; p > 0 {
+				b.ReportMetric(float64(st.StampProofs)/float64(p), "stamp-proofs/proof")
+			}
 		})
 	}
 }

@@ -795,7 +795,9 @@ func (e *Engine) submit(vm vasmon.VMID, evs []shard.Event, ticket uint16, t *sha
 	b.now = shard.Now()
 	for base := 0; base < len(evs); base += submitChunk {
 		b.reset()
-		for i, ev := range evs[base:min(base+submitChunk, len(evs))] {
+		chunk := evs[base:min(base+submitChunk, len(evs))]
+		for i := range chunk {
+			ev := &chunk[i]
 			if ev.Size == 0 || ev.Size > 8 {
 				if n, err := e.flushBatch(ve, &b, ticket, t); err != nil {
 					return n, err
@@ -828,8 +830,11 @@ func (e *Engine) submit(vm vasmon.VMID, evs []shard.Event, ticket uint16, t *sha
 // batch is a chunk of events split into parts (a store across a page
 // boundary makes two), each with its shard, on the stack.
 type batch struct {
-	now   int64
-	n     int
+	now int64
+	n   int
+	// mixed says the parts go to more than one shard (else all to
+	// owner[0]): only then are they copied into buf, one shard's at a time.
+	mixed bool
 	parts [2 * submitChunk]shard.Event
 	owner [2 * submitChunk]uint16
 	src   [2 * submitChunk]int // index in the caller's events
@@ -838,30 +843,40 @@ type batch struct {
 	which [2 * submitChunk]int
 }
 
-func (b *batch) reset() { b.n = 0 }
+func (b *batch) reset() { b.n, b.mixed = 0, false }
 
-// add adds one event, stamped and split per page.
-func (b *batch) add(e *Engine, slot uint16, ev shard.Event, ticket uint16, src int) {
-	if ev.Trap == 0 {
-		ev.Trap = b.now
+// add adds one event, stamped and split per page. It copies the event
+// once, into its part.
+func (b *batch) add(e *Engine, slot uint16, ev *shard.Event, ticket uint16, src int) {
+	i := b.n
+	a := &b.parts[i]
+	*a = *ev
+	if a.Trap == 0 {
+		a.Trap = b.now
 	}
-	ev.Slot, ev.Ticket, ev.Cont = slot, ticket, false
-	put := func(p shard.Event) {
-		b.parts[b.n], b.src[b.n], b.done[b.n] = p, src, false
-		b.owner[b.n] = uint16(e.shardOf(slot, p.GPA))
-		b.n++
-	}
-	first := vasmon.PageSize - ev.GPA%vasmon.PageSize
-	if uint64(ev.Size) <= first {
-		put(ev)
+	a.Slot, a.Ticket, a.Cont = slot, ticket, false
+	b.put(e, i, src)
+	first := vasmon.PageSize - a.GPA%vasmon.PageSize
+	if uint64(a.Size) <= first {
 		return
 	}
-	a, c := ev, ev
+	c := &b.parts[i+1]
+	*c = *a
 	a.Size, a.Ver2 = uint8(first), 0
-	c.GPA, c.Size, c.Data = ev.GPA+first, ev.Size-uint8(first), ev.Data>>(8*first)
-	c.Ver, c.Ver2, c.HasOld, c.Old, c.Cont = ev.Ver2, 0, false, 0, true
-	put(a)
-	put(c)
+	c.GPA, c.Size, c.Data = a.GPA+first, c.Size-uint8(first), c.Data>>(8*first)
+	c.Ver, c.Ver2, c.HasOld, c.Old, c.Cont = c.Ver2, 0, false, 0, true
+	b.put(e, i+1, src)
+}
+
+// put takes part i, from the caller's event src, into the batch.
+func (b *batch) put(e *Engine, i, src int) {
+	b.src[i], b.done[i] = src, false
+	o := uint16(e.shardOf(b.parts[i].Slot, b.parts[i].GPA))
+	b.owner[i] = o
+	if i > 0 && o != b.owner[0] {
+		b.mixed = true
+	}
+	b.n = i + 1
 }
 
 // reject counts n events rejected.
@@ -889,13 +904,23 @@ func (e *Engine) flushBatch(ve *vmEntry, b *batch, ticket uint16, t *shard.Ticke
 		if b.done[i] {
 			continue
 		}
-		n := 0
-		for j := i; j < b.n; j++ {
-			if !b.done[j] && b.owner[j] == b.owner[i] {
-				b.buf[n], b.which[n] = b.parts[j], j
-				n++
+		// This shard's parts, in order: all of them in place, or copied.
+		run, which := b.parts[:b.n], b.which[:b.n]
+		if b.mixed {
+			n := 0
+			for j := i; j < b.n; j++ {
+				if !b.done[j] && b.owner[j] == b.owner[i] {
+					b.buf[n], b.which[n] = b.parts[j], j
+					n++
+				}
+			}
+			run, which = b.buf[:n], b.which[:n]
+		} else {
+			for j := range which {
+				which[j] = j
 			}
 		}
+		n := len(run)
 		s := e.shards[b.owner[i]]
 		share := e.share.Load()
 		for sent, spin := 0, 0; sent < n; spin++ {
@@ -903,11 +928,11 @@ func (e *Engine) flushBatch(ve *vmEntry, b *batch, ticket uint16, t *shard.Ticke
 			// Fair ingest: a VM with more than its share queued waits (or
 			// is refused) once the queue is half full, so a VM within its
 			// share never finds the queue full (see Config.NonBlocking).
-			if q := s.Queued(ve.slot); q+int32(n-sent) <= share || s.QueueLen() <= s.QueueCap()/2 || b.buf[sent].Cont {
-				k, _ = s.TryEnqueueBatch(b.buf[sent:n])
+			if q := s.Queued(ve.slot); q+int32(n-sent) <= share || s.QueueLen() <= s.QueueCap()/2 || run[sent].Cont {
+				k, _ = s.TryEnqueueBatch(run[sent:n])
 			}
 			s.AddQueued(ve.slot, k)
-			for _, j := range b.which[sent : sent+k] {
+			for _, j := range which[sent : sent+k] {
 				b.done[j] = true
 			}
 			sent += k
@@ -918,7 +943,7 @@ func (e *Engine) flushBatch(ve *vmEntry, b *batch, ticket uint16, t *shard.Ticke
 			switch {
 			case e.closed.Load():
 				err = ErrClosed
-			case e.cfg.NonBlocking && !b.buf[sent].Cont:
+			case e.cfg.NonBlocking && !run[sent].Cont:
 				err = ErrOverload
 			default:
 				err = e.wait(s, spin)

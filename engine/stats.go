@@ -21,18 +21,22 @@ type Stats struct {
 	// StaleReads counts tables guest memory no longer linked at their
 	// place when they were read: hooks dropped, tables unhooked early.
 	StaleReads uint64
-	Resyncs    uint64        // pages read again (a value that could not be proven)
-	Expired    uint64        // partial writes ended after the pending timeout
-	Floods     uint64        // pages found flooded: read now and then instead of trapped
-	Polls      uint64        // reads of flooded pages
-	Steals     uint64        // shard steps run by another thread than the shard's worker
-	Spin       time.Duration // time workers spent polling idle queues
-	QueueLen   int
-	Tables     int64
-	HostBytes  int64
-	Refused    int64 // table hooks refused by budgets (current VMs)
-	Roots, VMs int
-	Latency    shard.HistSnapshot
+	Resyncs    uint64 // pages read again (a value that could not be proven)
+	// Proofs counts written values proven on guest memory; StampProofs
+	// those proven by their store's stamp alone (shard.Event.Stamped),
+	// without reading guest memory.
+	Proofs, StampProofs uint64
+	Expired             uint64        // partial writes ended after the pending timeout
+	Floods              uint64        // pages found flooded: read now and then instead of trapped
+	Polls               uint64        // reads of flooded pages
+	Steals              uint64        // shard steps run by another thread than the shard's worker
+	Spin                time.Duration // time workers spent polling idle queues
+	QueueLen            int
+	Tables              int64
+	HostBytes           int64
+	Refused             int64 // table hooks refused by budgets (current VMs)
+	Roots, VMs          int
+	Latency             shard.HistSnapshot
 	// SyncStall is the stall of synchronous writes (Syncer.Submit), from
 	// trap to return; Allowed and Denied count them by verdict.
 	SyncStall       shard.HistSnapshot
@@ -133,6 +137,8 @@ func (e *Engine) Stats() Stats {
 		st.StaleWrites += c.StaleWrites.Load()
 		st.StaleReads += c.StaleReads.Load()
 		st.Resyncs += c.Resyncs.Load()
+		st.Proofs += c.Proofs.Load()
+		st.StampProofs += c.StampProofs.Load()
 		st.Expired += c.Expired.Load()
 		st.Floods += c.Floods.Load()
 		st.Polls += c.Polls.Load()

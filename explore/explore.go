@@ -70,18 +70,22 @@ type world struct {
 
 // vmState is one guest and its ground truth.
 type vmState struct {
-	w       *world
-	id      vasmon.VMID
-	mode    vasmon.Mode
-	g       *vasmontest.Guest
-	prot    *watchProt
-	pool    []uint64
-	cr3s    []uint64
-	roots   []*rootState // by index of cr3s; nil when not monitored
-	ever    []map[evKey]bool
-	tables  map[uint64]bool // pages that were tables of a root at some instant
-	now     map[uint64]bool // pages that are tables of a root now
-	buf     []shard.Event
+	w      *world
+	id     vasmon.VMID
+	mode   vasmon.Mode
+	g      *vasmontest.Guest
+	prot   *watchProt
+	pool   []uint64
+	cr3s   []uint64
+	roots  []*rootState // by index of cr3s; nil when not monitored
+	ever   []map[evKey]bool
+	tables map[uint64]bool // pages that were tables of a root at some instant
+	now    map[uint64]bool // pages that are tables of a root now
+	// buf holds the traps of the vCPU that made the current operation;
+	// bufs are the two vCPUs' rings, submitted at different times, so
+	// that a trap reaches the engine after later traps of the other vCPU.
+	buf     *[]shard.Event
+	bufs    [2][]shard.Event
 	syncer  *engine.Syncer
 	clock   int64
 	rip     uint64
@@ -202,6 +206,7 @@ func (w *world) schedStep() {
 func (w *world) newVM(id vasmon.VMID, mode vasmon.Mode) *vmState {
 	g := vasmontest.NewGuest(mode, ramBytes, poolBase)
 	v := &vmState{w: w, id: id, mode: mode, g: g, tables: map[uint64]bool{}, now: map[uint64]bool{}}
+	v.buf = &v.bufs[0]
 	v.prot = &watchProt{Protections: g.NewProtections(), vm: v}
 	for range poolPages {
 		v.pool = append(v.pool, g.AllocTable())

@@ -13,7 +13,12 @@ import (
 // stores across an entry or a page boundary, A/D-only updates, duplicate
 // deliveries of a trap), and Linux's reuse of a freed table page as data.
 // Its traps (the stores to protected pages) are submitted asynchronously,
-// a few at a time (as a backend's ring lags), or synchronously.
+// a few at a time (as a backend's ring lags), or synchronously. Each
+// operation runs on one of two vCPUs, whose rings are submitted at
+// different times: a trap may reach the engine after the later traps of
+// the other vCPU, stamped after it (as with a real multi-vCPU guest). Some
+// traps are stamped after their store (as a QEMU plugin's are), which
+// makes the engine prove their values on guest memory.
 //
 // So that the ground truth stays small whatever the guest writes, only a
 // few entries of a page may link tables (linkable); every present value
@@ -38,9 +43,17 @@ func (v *vmState) writer() {
 		if sync {
 			v.flush()
 		}
+		cpu := 0
+		if w.pick(4) == 0 {
+			cpu = 1
+		}
+		v.buf = &v.bufs[cpu]
 		v.op(sync)
 		if w.pick(3) == 0 {
-			v.flush()
+			v.flushCPU(0)
+		}
+		if w.pick(7) == 0 {
+			v.flushCPU(1)
 		}
 		if w.pick(2) == 0 {
 			w.s.yield()
@@ -185,8 +198,8 @@ func (v *vmState) op(sync bool) {
 		v.store(gpa, esz, v.fix(i, cur^vasmon.BitA<<w.pick(2)), sync)
 	case 7: // a trap delivered twice (the same RIP, bytes and stamp)
 		v.store(gpa, esz, v.value(i, cur), sync)
-		if n := len(v.buf); n > 0 && !sync {
-			v.buf = append(v.buf, v.buf[n-1])
+		if b := v.buf; len(*b) > 0 && !sync {
+			*b = append(*b, (*b)[len(*b)-1])
 			w.stats.Traps++
 		}
 	case 8: // free a linked table and reuse its page as data at once
@@ -249,9 +262,10 @@ func (v *vmState) store(gpa uint64, size int, data uint64, sync bool) {
 	w.stats.Traps++
 	v.clock += int64(w.pick(30))
 	ev := shard.Event{GPA: wr.GPA, Data: wr.Data, Old: wr.Old, RIP: wr.RIP, Size: wr.Size, HasOld: wr.HasOld,
-		Ver: wr.Ver, Ver2: wr.Ver2, Trap: v.clock + 1}
+		Ver: wr.Ver, Ver2: wr.Ver2, Trap: v.clock + 1, Stamped: wr.Stamped && v.clock%3 != 0}
 	if !sync {
-		v.buf = append(v.buf, ev)
+		v.serialize(ev)
+		*v.buf = append(*v.buf, ev)
 		return
 	}
 	v.submitSync(ev, gpa, size, wr)
@@ -294,22 +308,49 @@ func (v *vmState) submitSync(ev shard.Event, gpa uint64, size int, wr vasmon.Wri
 	}
 	v.clock++
 	rev := shard.Event{GPA: back.GPA, Data: back.Data, Old: back.Old, RIP: back.RIP, Size: back.Size, HasOld: true,
-		Ver: back.Ver, Trap: v.clock + 1}
+		Ver: back.Ver, Trap: v.clock + 1, Stamped: back.Stamped}
 	if _, err := v.syncer.SubmitOne(rev); err != nil && !errors.Is(err, vasmon.ErrUnknownVM) && !errors.Is(err, engine.ErrClosed) {
 		w.s.fail(err)
 	}
 }
 
-// flush submits the traps buffered.
+// serialize submits the other vCPU's traps first if one of them writes an
+// entry that ev writes: the engine applies the writes of one entry in the
+// order of their submissions, so a backend serializes the submissions of
+// stores to one entry, as the CPU serialized the stores (package engine,
+// "Ordering").
+func (v *vmState) serialize(ev shard.Event) {
+	other := 0
+	if v.buf == &v.bufs[0] {
+		other = 1
+	}
+	esz := uint64(v.mode.EntryBytes())
+	lo, hi := ev.GPA/esz, (ev.GPA+uint64(ev.Size)-1)/esz
+	for _, o := range v.bufs[other] {
+		if o.GPA/esz <= hi && (o.GPA+uint64(o.Size)-1)/esz >= lo {
+			v.flushCPU(other)
+			return
+		}
+	}
+}
+
+// flush submits the traps buffered on both vCPUs.
 func (v *vmState) flush() {
-	if len(v.buf) == 0 {
+	v.flushCPU(0)
+	v.flushCPU(1)
+}
+
+// flushCPU submits the traps buffered on vCPU c.
+func (v *vmState) flushCPU(c int) {
+	b := v.bufs[c]
+	if len(b) == 0 {
 		return
 	}
 	w := v.w
-	n, err := w.e.Submit(v.id, v.buf)
-	w.s.note("VM %d submit %d events: %d %v", v.id, len(v.buf), n, err)
+	n, err := w.e.Submit(v.id, b)
+	w.s.note("VM %d vCPU %d submit %d events: %d %v", v.id, c, len(b), n, err)
 	if err != nil && !errors.Is(err, vasmon.ErrUnknownVM) && !(w.closed && errors.Is(err, engine.ErrClosed)) {
 		w.s.fail(err)
 	}
-	v.buf = v.buf[:0]
+	v.bufs[c] = b[:0]
 }

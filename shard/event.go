@@ -33,6 +33,10 @@ type Event struct {
 	// Cont marks the second part of a store that crosses a page boundary
 	// (set by the engine, which splits such stores per page).
 	Cont bool
+	// Stamped says Ver and Ver2 were taken by BeginWrite before the store
+	// reached memory (vasmon.Write.Stamped): the engine may then prove
+	// the written value without reading guest memory.
+	Stamped bool
 }
 
 var epoch = time.Now()

@@ -64,15 +64,18 @@ type Counters struct {
 	StaleWrites atomic.Uint64 // writes already in their page's read, dropped
 	StaleReads  atomic.Uint64 // tables not linked where guest memory was read: not hooked or unhooked early
 	Resyncs     atomic.Uint64 // pages read again
-	Hooks       atomic.Uint64 // tables hooked here
-	Unhooks     atomic.Uint64 // tables unhooked here
-	Batches     atomic.Uint64
-	BatchSum    atomic.Uint64
-	Steals      atomic.Uint64 // steps run by another thread than the shard's worker
-	SpinNs      atomic.Int64  // time the worker spent polling its idle queue, ns
-	Floods      atomic.Uint64 // pages found flooded (vasmon.FloodPolicy)
-	Polls       atomic.Uint64 // reads of flooded pages
-	Polled      atomic.Int64  // pages flooded now
+	// Proofs counts written values proven on guest memory (a read);
+	// StampProofs those proven by their store's stamp alone.
+	Proofs, StampProofs atomic.Uint64
+	Hooks               atomic.Uint64 // tables hooked here
+	Unhooks             atomic.Uint64 // tables unhooked here
+	Batches             atomic.Uint64
+	BatchSum            atomic.Uint64
+	Steals              atomic.Uint64 // steps run by another thread than the shard's worker
+	SpinNs              atomic.Int64  // time the worker spent polling its idle queue, ns
+	Floods              atomic.Uint64 // pages found flooded (vasmon.FloodPolicy)
+	Polls               atomic.Uint64 // reads of flooded pages
+	Polled              atomic.Int64  // pages flooded now
 }
 
 var kindNames = [...]string{"untracked", "irrelevant", "partial", "duplicate", "relevant"}
@@ -485,6 +488,8 @@ func (s *Shard) publish() {
 	s.C.StaleWrites.Store(st.StaleWrites)
 	s.C.StaleReads.Store(st.StaleReads)
 	s.C.Resyncs.Store(st.Resyncs)
+	s.C.Proofs.Store(st.Proofs)
+	s.C.StampProofs.Store(st.StampProofs)
 	s.C.Floods.Store(st.Floods)
 	s.C.Polls.Store(st.Polls)
 	s.C.Polled.Store(int64(st.Polled))
@@ -555,7 +560,7 @@ func (s *Shard) settle(req *vasmon.Request, ticket uint16) {
 
 func (s *Shard) process(e *Event) {
 	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap,
-		Ver: e.Ver, Ver2: e.Ver2}
+		Ver: e.Ver, Ver2: e.Ver2, Stamped: e.Stamped}
 	s.out.Reset()
 	s.called = 0
 	s.cur = e.Ticket

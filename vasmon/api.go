@@ -66,6 +66,14 @@ type Write struct {
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool
+	// Stamped says every stamp of the write was taken by BeginWrite
+	// before the store reached memory (not by Versions.Trap after it): the
+	// store then came after every load of its page's word that saw a
+	// count below the stamp. The store uses that order to prove a value
+	// from the write itself, without reading guest memory again (see
+	// proof.go); without it (false) values are proven by reading guest
+	// memory, which is always sound.
+	Stamped bool
 }
 
 // Callback is invoked when a leaf mapping of a root changes in any monitored

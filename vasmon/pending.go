@@ -45,7 +45,14 @@ func dupSlot(vm VMID, egpa uint64) int { return int(hashKey(uint64(vm), egpa) % 
 //   - A chunk with a known RIP that equals the last chunk applied to the
 //     entry (same RIP, offset, size and bytes) is a duplicate delivery:
 //     ignored, whether or not that chunk completed the entry.
-func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Write, first bool, out *Output) WriteKind {
+//
+// stamp is the part's stamp when it was taken before the store
+// (Write.Stamped), else 0; inSeq says the shadow of the page was guest
+// memory just before the store (every earlier write of the page applied,
+// none in progress, no partial write pending). A whole-entry chunk, and a
+// narrow one in sequence, then wrote a value that is true right after the
+// store: complete may prove it by the stamp alone (Store.linkedAt).
+func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Write, first bool, stamp uint32, inSeq bool, out *Output) WriteKind {
 	p := s.pages.at(ph)
 	esz := uint64(p.esz)
 	bytesMask := uint64(1)<<(8*n) - 1
@@ -95,7 +102,10 @@ func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Writ
 			pr := s.takePending(pi)
 			old, base = pr.base, pr.val
 		}
-		return s.complete(ph, eoff, old, base&^bytesMask|val, out)
+		if n != esz && (!inSeq || pi >= 0) {
+			stamp = 0 // the other bytes are the shadow's, maybe not memory's
+		}
+		return s.complete(ph, eoff, old, base&^bytesMask|val, stamp, out)
 	default:
 		if pi < 0 {
 			pi = s.addPend(ph, eoff, cur, w.Trap, out)
@@ -107,7 +117,7 @@ func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Writ
 			return WritePartial
 		}
 		done := s.takePending(pi)
-		return s.complete(ph, eoff, done.base, done.val, out)
+		return s.complete(ph, eoff, done.base, done.val, 0, out)
 	}
 }
 
@@ -127,7 +137,7 @@ func (s *Store) addPend(ph uint32, eoff, base uint64, trap int64, out *Output) i
 		}
 		pr := s.takePending(oldest)
 		s.st.ForcedPartial++
-		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, out)
+		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, 0, out)
 	}
 	if trap != 0 && (s.pendOld == 0 || trap < s.pendOld) {
 		s.pendOld = trap // (a write of unknown trap time never expires)
@@ -170,7 +180,7 @@ func (s *Store) expire(trap int64, out *Output) {
 		}
 		s.takePending(i)
 		s.st.ExpiredPartial++
-		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, out)
+		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, 0, out)
 		// complete may have ended other partial writes (a read of
 		// their page): start over.
 		i = 0
@@ -189,7 +199,7 @@ func (s *Store) completePage(ph uint32, out *Output) {
 		}
 		pr := s.takePending(i)
 		s.st.FlushedPartial++
-		s.complete(ph, uint64(pr.off), pr.base, pr.val, out)
+		s.complete(ph, uint64(pr.off), pr.base, pr.val, 0, out)
 		i = 0
 	}
 }

@@ -63,24 +63,20 @@ func (s *Store) chain(n *node, also *atomic.Uint64, alsoWant uint64) proof {
 		return proofOK
 	}
 	vs := r.VM.vers
-	if vs != nil && n.proven {
-		same := true
-		for k := 0; k < up && same; k++ {
-			same = vs.Load(uint64(n.anc[k]-1)*PageSize) == n.cv[k]
-		}
-		if same {
-			return proofOK
-		}
+	if vs != nil && n.proven && s.stillLinked(n, vs, up) {
+		return proofOK
 	}
 	for try := 0; try < proofTries; try++ {
-		var cv [4]uint64
+		var cv [4]uint32
+		var pc uint32
 		if vs != nil {
 			ok := true
 			for k := 0; k < up; k++ {
-				cv[k] = vs.Load(uint64(n.anc[k]-1) * PageSize)
-				if !guestmem.Stable(cv[k]) {
+				w := vs.Load(uint64(n.anc[k]-1) * PageSize)
+				cv[k] = guestmem.Count(w)
+				if !guestmem.Stable(w) {
 					ok = false
-				} else if cv[k]&guestmem.VerProtected == 0 {
+				} else if w&guestmem.VerProtected == 0 {
 					// An ancestor's page is no longer protected: its
 					// table was unhooked, and this one will be.
 					return proofStale
@@ -89,12 +85,14 @@ func (s *Store) chain(n *node, also *atomic.Uint64, alsoWant uint64) proof {
 			if !ok {
 				continue
 			}
+			// After the ancestors' words: see node.pc.
+			pc = guestmem.Count(vs.Load(s.pages.at(n.page).pfn * PageSize))
 		}
 		res := s.walkTo(n)
 		if vs != nil {
 			same := true
 			for k := 0; k < up && same; k++ {
-				same = vs.Load(uint64(n.anc[k]-1)*PageSize) == cv[k]
+				same = vs.Load(uint64(n.anc[k]-1)*PageSize) == protectedWord(cv[k])
 			}
 			if same && also != nil {
 				same = also.Load() == alsoWant
@@ -104,12 +102,54 @@ func (s *Store) chain(n *node, also *atomic.Uint64, alsoWant uint64) proof {
 			}
 		}
 		if res == proofOK {
-			n.cv, n.proven = cv, vs != nil
+			n.cv, n.pc, n.proven = cv, pc, vs != nil
 		}
 		return res
 	}
 	s.st.Unsure++
 	return proofUnsure
+}
+
+// protectedWord is the version word of a protected page with change count
+// c and no write in progress.
+func protectedWord(c uint32) uint64 { return uint64(c)<<32 | guestmem.VerProtected }
+
+// stillLinked reports whether node n's last proof of its place (cv, with
+// up ancestors) still holds: no ancestor page changed since. It loads one
+// word per ancestor.
+func (s *Store) stillLinked(n *node, vs *guestmem.Versions, up int) bool {
+	for k := 0; k < up; k++ {
+		if vs.Load(uint64(n.anc[k]-1)*PageSize) != protectedWord(n.cv[k]) {
+			return false
+		}
+	}
+	return true
+}
+
+// linkedAt reports whether every table on page ph was linked at its place
+// when a store stamped stamp (before it reached memory: Write.Stamped) was
+// made to the page: each table's last proof still holds (so its place
+// stayed linked from that proof's start until now), and the stamp is
+// after the page's count loaded during that proof (so the store was made
+// after the proof started). A value that such a store wrote into the
+// entry is then true at the instant right after it, with every table
+// linked: proven without reading guest memory. It loads one word per
+// ancestor per table.
+func (s *Store) linkedAt(ph uint32, stamp uint32) bool {
+	p := s.pages.at(ph)
+	for h := p.head; h != 0; {
+		n := s.nodes.at(h)
+		h = n.next
+		up := n.root.Mode.Levels() - int(n.level)
+		if up == 0 {
+			continue // a root table is linked by its root
+		}
+		vs := n.root.VM.vers
+		if vs == nil || !n.proven || !guestmem.After(stamp, n.pc) || !s.stillLinked(n, vs, up) {
+			return false
+		}
+	}
+	return true
 }
 
 // walkTo walks guest memory from n's root table down n's VA and reports
@@ -323,7 +363,7 @@ func (s *Store) Flush(out *Output) int {
 	for len(s.pend) > 0 {
 		pr := s.takePending(len(s.pend) - 1)
 		s.st.FlushedPartial++
-		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, out)
+		s.complete(pr.page, uint64(pr.off), pr.base, pr.val, 0, out)
 	}
 	return s.Retry(out)
 }

@@ -160,10 +160,15 @@ type page struct {
 type node struct {
 	root *Root
 	va   uint64
-	// cv are the version words of the ancestor pages when the table was
-	// last proven linked (versioned memory; see chain).
-	cv    [4]uint64
-	anc   [4]uint32
+	// cv are the change counts of the ancestor pages when the table was
+	// last proven linked (versioned memory; see chain): their words were
+	// stable and protected with these counts.
+	cv  [4]uint32
+	anc [4]uint32
+	// pc is the change count of the table's own page loaded, during that
+	// proof, after the ancestors' words: a write stamped after it was
+	// made while the table was linked, if cv still holds.
+	pc    uint32
 	page  uint32
 	next  uint32 // next node on the same page
 	prev  uint32 // previous node on the same page (O(1) unlink of one of many aliases)
@@ -248,19 +253,23 @@ type StoreStats struct {
 	// Unconfirmed counts completed entry values that were no longer in
 	// guest memory, or whose table was no longer linked, when processed:
 	// the page was read again instead.
-	Unconfirmed    uint64
-	Resyncs        uint64 // pages read again and compared with their shadow
-	Unsure         uint64 // reads given up for now because guest memory kept changing under them
-	ProtectErrors  uint64
-	ForcedPartial  uint64 // partial writes completed early because maxPending was reached
-	ExpiredPartial uint64 // partial writes completed after PendingTimeout
-	FlushedPartial uint64 // partial writes completed by Flush, an unhook or a read of their page
-	Floods         uint64 // pages found flooded (polled instead of trapped)
-	Polls          uint64 // reads of flooded pages
-	Pages          int
-	Tables         int
-	Dirty          int // pages waiting to be read again
-	Polled         int // pages flooded now
+	Unconfirmed uint64
+	// Proofs counts completed entry values proven on guest memory;
+	// StampProofs those proven by their store's stamp (Write.Stamped)
+	// without reading guest memory.
+	Proofs, StampProofs uint64
+	Resyncs             uint64 // pages read again and compared with their shadow
+	Unsure              uint64 // reads given up for now because guest memory kept changing under them
+	ProtectErrors       uint64
+	ForcedPartial       uint64 // partial writes completed early because maxPending was reached
+	ExpiredPartial      uint64 // partial writes completed after PendingTimeout
+	FlushedPartial      uint64 // partial writes completed by Flush, an unhook or a read of their page
+	Floods              uint64 // pages found flooded (polled instead of trapped)
+	Polls               uint64 // reads of flooded pages
+	Pages               int
+	Tables              int
+	Dirty               int // pages waiting to be read again
+	Polled              int // pages flooded now
 }
 
 // NewStore returns an empty store.
@@ -386,6 +395,7 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 		pageEnd := (gpa | (PageSize - 1)) + 1
 		partEnd := min(end, pageEnd)
 		ph := s.findPage(vm, gpa/PageSize)
+		inSeq := false
 		if ph != 0 {
 			p := s.pages.at(ph)
 			switch {
@@ -402,6 +412,8 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 				kind = max(kind, WriteDuplicate)
 				ph = 0
 			default:
+				inSeq = p.npend == 0 && ver-1 == p.seq &&
+					(p.last == 0 && p.seq == p.rseq || p.seq == p.last+1)
 				p.seq += 2
 				p.last = ver
 			}
@@ -420,12 +432,17 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 		}
 		esz := uint64(p.esz)
 		reads := p.reads
+		var stamp uint32
+		if w.Stamped && p.vw != nil {
+			stamp = ver
+		}
 		for gpa < partEnd {
 			off := gpa % PageSize
 			eoff := off &^ (esz - 1)
 			lo := off - eoff
 			n := min(esz-lo, partEnd-gpa)
-			k := s.writeEntry(vm, ph, eoff, lo, n, data, w, first, out)
+			k := s.writeEntry(vm, ph, eoff, lo, n, data, w, first, stamp, inSeq, out)
+			inSeq = false // (the shadow now holds this entry's new bytes; memory may not yet)
 			kind = max(kind, k)
 			data >>= 8 * n
 			gpa += n
@@ -446,31 +463,23 @@ func (s *Store) Write(vm VMID, w *Write, out *Output) WriteKind {
 
 // complete runs the per-table step for a completely written entry on every
 // table of the page that holds it, once the new value is proven true: in
-// guest memory now, on a page that every table's ancestors link now. A value
-// that cannot be proven is not applied; the page is read again instead
-// (resync), which reports the difference between what the tables acted on
-// and what guest memory holds.
-func (s *Store) complete(ph uint32, eoff, old, new uint64, out *Output) WriteKind {
+// guest memory now, on a page that every table's ancestors link now; or,
+// when stamp is not 0 (the store that wrote new, stamped before it reached
+// memory; see writeEntry), right after that store, with every table linked
+// then (linkedAt). A value that cannot be proven is not applied; the page
+// is read again instead (resync), which reports the difference between
+// what the tables acted on and what guest memory holds.
+func (s *Store) complete(ph uint32, eoff, old, new uint64, stamp uint32, out *Output) WriteKind {
 	p := s.pages.at(ph)
 	if (old^new)&p.mon == 0 {
 		s.setEntry(ph, eoff, p.esz, new)
 		return WriteIrrelevant
 	}
-	vm := s.nodes.at(p.head).root.VM
-	var w uint64 // the page's version word, under which the value is proven
-	if p.vw != nil {
-		w = p.vw.Load()
-	}
-	if !p.isCurrent(w) {
-		// Later writes of the page are still to come: read the entry.
-		e, ok := s.read(vm.Mem, p.pfn*PageSize+eoff, p.esz)
-		if !ok || (e^new)&p.mon != 0 {
-			s.st.Unconfirmed++
-			s.resync(ph, out)
-			return WriteRelevant
-		}
-	}
-	if !s.proveNodes(ph, p.vw, w, out) {
+	if stamp != 0 && s.linkedAt(ph, stamp) {
+		s.st.StampProofs++
+	} else if s.prove(ph, eoff, new, out) {
+		s.st.Proofs++
+	} else {
 		s.st.Unconfirmed++
 		s.resync(ph, out)
 		return WriteRelevant
@@ -487,6 +496,27 @@ func (s *Store) complete(ph uint32, eoff, old, new uint64, out *Output) WriteKin
 		}
 	}
 	return kind
+}
+
+// prove proves on guest memory that the entry at eoff of page ph holds new
+// (in the bits the page's tables monitor) while every table of the page is
+// linked at its place, at one instant. Tables found not linked are
+// unhooked early (dropNode).
+func (s *Store) prove(ph uint32, eoff, new uint64, out *Output) bool {
+	p := s.pages.at(ph)
+	var w uint64 // the page's version word, under which the value is proven
+	if p.vw != nil {
+		w = p.vw.Load()
+	}
+	if !p.isCurrent(w) {
+		// Later writes of the page are still to come: read the entry.
+		vm := s.nodes.at(p.head).root.VM
+		e, ok := s.read(vm.Mem, p.pfn*PageSize+eoff, p.esz)
+		if !ok || (e^new)&p.mon != 0 {
+			return false
+		}
+	}
+	return s.proveNodes(ph, p.vw, w, out)
 }
 
 // isCurrent reports whether the shadow of p is guest memory at the time

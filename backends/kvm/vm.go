@@ -577,7 +577,7 @@ func (v *vcpu) mmio(now int64) error {
 			rip = 0
 		}
 		v.ev[0] = shard.Event{GPA: gpa, Data: data, Old: old, HasOld: true, RIP: rip, Size: uint8(n), Trap: now,
-			Ver: ver, Ver2: ver2}
+			Ver: ver, Ver2: ver2, Stamped: true}
 		var t int64
 		if vm.cfg.timing {
 			t = shard.Now()
@@ -629,7 +629,8 @@ func (v *vcpu) syncWrite(gpa, old, esz uint64) error {
 	cur := vm.load(ea, int(esz))
 	vm.storeBytes(ea, int(esz), old)
 	vm.endWrite(ea, uint32(esz), ver, ver2)
-	v.ev[0] = shard.Event{GPA: ea, Data: old, Old: cur, HasOld: true, Size: uint8(esz), Trap: shard.Now(), Ver: ver, Ver2: ver2}
+	v.ev[0] = shard.Event{GPA: ea, Data: old, Old: cur, HasOld: true, Size: uint8(esz), Trap: shard.Now(), Ver: ver, Ver2: ver2,
+		Stamped: true}
 	v.syncOne() // a restore is not asked for a verdict: it always happens
 	return nil
 }

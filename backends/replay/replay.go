@@ -192,8 +192,9 @@ func (v *VM) protected(gpa uint64) bool { return v.Ver != nil && v.Ver.Protected
 // write stores the low size bytes of data at gpa, as the recorded guest
 // did, and returns the stamps of the trapped store: on gpa's page and, for a
 // store that crosses into the next page, on that one (see the package
-// comment).
-func (v *VM) write(gpa uint64, size uint8, data uint64) (ver, ver2 uint32) {
+// comment). stamped says every stamp was taken before the store reached
+// memory (shard.Event.Stamped).
+func (v *VM) write(gpa uint64, size uint8, data uint64) (ver, ver2 uint32, stamped bool) {
 	last := gpa + uint64(size) - 1
 	split := last/trace.PageSize != gpa/trace.PageSize
 	p1, p2 := v.protected(gpa), split && v.protected(last)
@@ -206,17 +207,18 @@ func (v *VM) write(gpa uint64, size uint8, data uint64) (ver, ver2 uint32) {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], data)
 	_ = v.Mem.Write(gpa, b[:size]) // outside RAM: the engine ignores it too
+	stamped = true
 	if p1 {
 		v.Ver.EndWrite(gpa)
 	} else if v.protected(gpa) {
-		ver = v.Ver.Trap(gpa)
+		ver, stamped = v.Ver.Trap(gpa), false
 	}
 	if p2 {
 		v.Ver.EndWrite(last)
 	} else if split && v.protected(last) {
-		ver2 = v.Ver.Trap(last)
+		ver2, stamped = v.Ver.Trap(last), false
 	}
-	return ver, ver2
+	return ver, ver2, stamped
 }
 
 // Protected returns the number of pages the host has protected.
@@ -369,7 +371,7 @@ func (p *player) applyErr(rec *trace.Record) error {
 			esz := uint64(v.esz)
 			old, _ = v.Mem.ReadUint(rec.GPA&^(esz-1), int(esz))
 		}
-		ver, ver2 := v.write(rec.GPA, rec.Size, rec.Data)
+		ver, ver2, stamped := v.write(rec.GPA, rec.Size, rec.Data)
 		p.sum.Events++
 		rip := rec.RIP
 		if ver != 0 || ver2 != 0 {
@@ -383,7 +385,7 @@ func (p *player) applyErr(rec *trace.Record) error {
 			rip = 0
 		}
 		return p.add(rec.VM, shard.Event{GPA: rec.GPA, Data: rec.Data, Old: old, RIP: rip,
-			Size: rec.Size, HasOld: rec.HasOld, Ver: ver, Ver2: ver2})
+			Size: rec.Size, HasOld: rec.HasOld, Ver: ver, Ver2: ver2, Stamped: stamped})
 	case trace.KindPage:
 		p.sum.Pages++
 		return p.page(v, rec.GPA, rec.Page)
@@ -481,7 +483,7 @@ func (p *player) page(v *VM, gpa uint64, data []byte) error {
 		a := gpa + uint64(i)
 		switch {
 		case trapped:
-			ver, _ = v.write(a, 8, n)
+			ver, _, _ = v.write(a, 8, n)
 		case v.Ver != nil:
 			ver = v.Ver.Trap(a) // protected while the page was written
 		}

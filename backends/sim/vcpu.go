@@ -97,6 +97,7 @@ func (c *vcpu) store(gpa uint64, size int, v uint64, site int) bool {
 	old, _ := vm.mem.ReadUint(ea, vm.esz)
 	var ver uint32
 	trapped := vm.ver.Protected(gpa)
+	stamped := trapped // stamped before the store (shard.Event.Stamped)
 	if vm.truth != nil {
 		vm.truth.store(c, gpa, size, v, old, !trapped)
 	}
@@ -132,7 +133,8 @@ func (c *vcpu) store(gpa uint64, size int, v uint64, site int) bool {
 		// found already in a read, setting it again).
 		rip = 0
 	}
-	ev := shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true, RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver}
+	ev := shard.Event{GPA: gpa, Data: v, Old: old, HasOld: true, RIP: rip, Size: uint8(size), Trap: shard.Now(), Ver: ver,
+		Stamped: stamped}
 	c.sent++
 	if c.restoring || c.syncing() {
 		if c.syncSubmit(ev) != shard.Deny || c.restoring {

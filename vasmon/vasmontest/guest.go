@@ -175,7 +175,8 @@ func (g *Guest) Entry(table uint64, i int) uint64 {
 // Store writes size bytes of v at gpa (anywhere in RAM) and returns the
 // write event a backend would report: Old is the whole entry holding gpa
 // before the store; a store to a protected page is stamped on its version
-// word (both pages' for a store that crosses a page boundary).
+// word (both pages' for a store that crosses a page boundary) before it
+// reaches memory (Write.Stamped).
 func (g *Guest) Store(gpa uint64, size int, v uint64, rip uint64) vasmon.Write {
 	esz := uint64(g.Mode.EntryBytes())
 	eaddr := gpa &^ (esz - 1)
@@ -201,7 +202,7 @@ func (g *Guest) Store(gpa uint64, size int, v uint64, rip uint64) vasmon.Write {
 	if ver2 != 0 {
 		g.Ver.EndWrite(last)
 	}
-	return vasmon.Write{GPA: gpa, Data: v, Size: uint8(size), Old: old, HasOld: true, RIP: rip, Ver: ver, Ver2: ver2}
+	return vasmon.Write{GPA: gpa, Data: v, Size: uint8(size), Old: old, HasOld: true, RIP: rip, Ver: ver, Ver2: ver2, Stamped: true}
 }
 
 // SetEntry writes entry i of the table at gpa in one store of the entry's
