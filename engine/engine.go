@@ -280,7 +280,7 @@ func New(cfg Config) (*Engine, error) {
 		}
 		e.shards = append(e.shards, shard.New(shard.Config{ID: i, CPU: cpu, QueueDepth: cfg.QueueDepth,
 			MaxBatch: cfg.MaxBatch, Budget: cfg.Budget, MaxSlots: cfg.MaxVMs, Spin: cfg.Spin,
-			PendingTimeout: cfg.PendingTimeout, Flood: cfg.Flood}, sink{e}))
+			PendingTimeout: cfg.PendingTimeout, Flood: cfg.Flood, HoldClock: cfg.Driver == nil}, sink{e}))
 	}
 	e.reshare(0)
 	if cfg.Driver == nil {
@@ -706,7 +706,7 @@ func (e *Engine) stop(ctx context.Context, key rootKey, r *vasmon.Root, flush bo
 	}
 	if flush {
 		// Partial writes end while the tree still proves them.
-		e.flushPartial(ctx)
+		e.flushPartial(ctx, r)
 	}
 	// From here on hooks of the root are ignored; the unhook walks what
 	// is hooked and nothing can be hooked behind it.
@@ -727,13 +727,14 @@ func (e *Engine) stoppedNow() bool {
 	}
 }
 
-// flushPartial ends the partial writes pending in any shard and waits (at
-// most until ctx ends) for what that produced.
-func (e *Engine) flushPartial(ctx context.Context) {
+// flushPartial ends the partial writes of root r's tables pending in any
+// shard (vasmon.Store.FlushRoot) and waits (at most until ctx ends) for
+// what that produced.
+func (e *Engine) flushPartial(ctx context.Context, r *vasmon.Root) {
 	sent := false
 	for _, s := range e.shards {
 		if s.C.Partial.Load() > 0 {
-			s.Send(shard.Msg{Op: shard.MsgFlush, Trap: shard.Now()})
+			s.Send(shard.Msg{Op: shard.MsgFlush, Req: vasmon.Request{Root: r}, Trap: shard.Now()})
 			sent = true
 		}
 	}

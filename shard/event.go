@@ -51,7 +51,7 @@ type MsgOp uint8
 // Control messages.
 const (
 	MsgReq   MsgOp = iota // a structural request for a table of this shard
-	MsgFlush              // a quiescent point: partial writes end, pages are read again
+	MsgFlush              // a quiescent point: partial writes end, pages are read again (only Req.Root's, if set)
 )
 
 // Msg is a control message between shards, or from the engine. Control

@@ -41,6 +41,11 @@ type Config struct {
 	PendingTimeout time.Duration
 	// Flood is the store's write-flood policy (vasmon.FloodPolicy).
 	Flood vasmon.FloodPolicy
+	// HoldClock times a partial write that a synchronous event starts
+	// from when the shard processes it (Now; vasmon.Write.Held), not from
+	// its trap: its vCPU was held until then. Off, expiry runs on trap
+	// times alone (a deterministic scheduler's virtual clock).
+	HoldClock bool
 }
 
 // Counters of one shard, readable at any time. They are published by the
@@ -513,7 +518,11 @@ func (s *Shard) drainInbox() {
 		s.cur = m.Ticket
 		switch m.Op {
 		case MsgFlush:
-			s.store.Flush(&s.out)
+			if r := m.Req.Root; r != nil {
+				s.store.FlushRoot(r, &s.out)
+			} else {
+				s.store.Flush(&s.out)
+			}
 			s.finish(m.Trap, m.Ticket)
 		case MsgReq:
 			if s.store.Exec(&m.Req, &s.out) == vasmon.Unsure {
@@ -561,6 +570,9 @@ func (s *Shard) settle(req *vasmon.Request, ticket uint16) {
 func (s *Shard) process(e *Event) {
 	w := vasmon.Write{GPA: e.GPA, Data: e.Data, Old: e.Old, RIP: e.RIP, Size: e.Size, HasOld: e.HasOld, Trap: e.Trap,
 		Ver: e.Ver, Ver2: e.Ver2, Stamped: e.Stamped}
+	if e.Ticket != 0 && s.cfg.HoldClock {
+		w.Held = Now()
+	}
 	s.out.Reset()
 	s.called = 0
 	s.cur = e.Ticket

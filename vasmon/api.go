@@ -66,6 +66,13 @@ type Write struct {
 	// HasOld says Old was read by the backend from guest memory just
 	// before the write. Otherwise the monitor's shadow value is used.
 	HasOld bool
+	// Held, if later than Trap, is when the write's vCPU was released
+	// after it (a synchronous write: the vCPU is held until the monitor
+	// has processed it), on Trap's clock. A partial write it starts is
+	// timed from Held: the guest could not write the entry's other half
+	// earlier, so the time it was held must not count against it
+	// (SEMANTICS.md sections 3 and 7).
+	Held int64
 	// Stamped says every stamp of the write was taken by BeginWrite
 	// before the store reached memory (not by Versions.Trap after it): the
 	// store then came after every load of its page's word that saw a

@@ -127,9 +127,9 @@ func (m *Monitor) Start(vm VMID, cr3 uint64, mode Mode, monitored uint64, cb Cal
 	return r, nil
 }
 
-// Stop stops monitoring r: partial writes end (Flush), then every table is
-// unhooked and every present leaf reported as removed,
-// callback(va, old, 0, size).
+// Stop stops monitoring r: the partial writes of r's tables end
+// (Store.FlushRoot; other roots' go on), then every table is unhooked and
+// every present leaf reported as removed, callback(va, old, 0, size).
 func (m *Monitor) Stop(r *Root) error {
 	if m.busy {
 		return ErrReentrant
@@ -139,7 +139,7 @@ func (m *Monitor) Stop(r *Root) error {
 	}
 	// Partial writes end first, while the tree still proves them.
 	m.out.Reset()
-	m.store.Flush(&m.out)
+	m.store.FlushRoot(r, &m.out)
 	m.run()
 	m.out.Reset()
 	r.MarkStopped() // hooks of the root given up for now are dropped

@@ -108,7 +108,7 @@ func (s *Store) writeEntry(vm VMID, ph uint32, eoff, lo, n, data uint64, w *Writ
 		return s.complete(ph, eoff, old, base&^bytesMask|val, stamp, out)
 	default:
 		if pi < 0 {
-			pi = s.addPend(ph, eoff, cur, w.Trap, out)
+			pi = s.addPend(ph, eoff, cur, max(w.Trap, w.Held), out)
 		}
 		pr := &s.pend[pi]
 		pr.val = pr.val&^bytesMask | val

@@ -352,6 +352,48 @@ func (s *Store) Retry(out *Output) int {
 // Dirty returns how many pages wait to be read again.
 func (s *Store) Dirty() int { return len(s.dirty) }
 
+// FlushRoot ends the partial writes of root r's tables (SEMANTICS.md
+// section 3: "its root stopped or dumped"): every pending write on a page
+// that holds a table of r is completed with the bytes it has, and every
+// such page waiting to be read again is read. Partial writes of other
+// roots' pages go on: another vCPU may be between the two halves of an
+// entry (PAE), and ending its write early would leave its second half
+// pending alone. It returns how many of r's pages still wait to be read.
+func (s *Store) FlushRoot(r *Root, out *Output) int {
+	for again := true; again; {
+		again = false
+		for i := len(s.pend) - 1; i >= 0; i-- {
+			if i >= len(s.pend) || !s.holds(s.pend[i].page, r) {
+				continue
+			}
+			pr := s.takePending(i)
+			s.st.FlushedPartial++
+			s.complete(pr.page, uint64(pr.off), pr.base, pr.val, 0, out)
+			again = true // (completing may have changed the list)
+		}
+	}
+	waiting := 0
+	for i := len(s.dirty) - 1; i >= 0; i-- {
+		if i >= len(s.dirty) || !s.holds(s.dirty[i], r) {
+			continue
+		}
+		if !s.resync(s.dirty[i], out) {
+			waiting++
+		}
+	}
+	return waiting
+}
+
+// holds reports whether page ph holds a table of root r.
+func (s *Store) holds(ph uint32, r *Root) bool {
+	for h := s.pages.at(ph).head; h != 0; h = s.nodes.at(h).next {
+		if s.nodes.at(h).root == r {
+			return true
+		}
+	}
+	return false
+}
+
 // Flush brings the store to a quiescent point: every partial write ends with
 // the bytes it has (SEMANTICS.md section 3) and every page waiting to be read
 // again is read. It returns how many pages still wait (guest memory kept

@@ -102,3 +102,78 @@ func TestStampProofs(t *testing.T) {
 		r.stop()
 	})
 }
+
+// Stopping a root ends the partial writes of its own tables only
+// (SEMANTICS.md section 3, "its root stopped"; Store.FlushRoot): a write
+// half done in another root's table goes on, and its second half
+// completes it. (Ending every partial write would complete the first half
+// alone and leave the second pending by itself: for a synchronous guest, a
+// table linked and not hooked.)
+func TestStopEndsOwnPartialWrites(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		if mode.EntryBytes() != 8 {
+			t.Skip("4-byte entries have no partial writes")
+		}
+		h := newHarness(t, mode)
+		cra, crb := h.table(), h.table()
+		ta := h.path(cra, vaX, 1, false)
+		tb := h.path(crb, vaX, 1, false)
+		i := h.idx(vaX, 1)
+		h.g.SetEntry(ta, i, h.leaf(0x1111000, 1))
+		ra := h.start(cra, monAll, vasmon.Options{})
+		rb := h.start(crb, monAll, vasmon.Options{})
+		e := h.leaf(0x2222000, 1) | nxBit
+		wantKind(t, h.store(tb+uint64(8*i)+4, 4, e>>32), vasmon.WritePartial)
+		h.silent()
+		ra.stop()
+		if n := h.mon.Store().Pending(); n != 1 {
+			t.Fatalf("%d partial writes pending after another root's Stop, want 1", n)
+		}
+		wantKind(t, h.store(tb+uint64(8*i), 4, e&0xFFFFFFFF), vasmon.WriteRelevant)
+		rb.expect(ev{VA: vaX, Old: 0, New: e, Size: kb4})
+		rb.stop()
+	})
+}
+
+// A partial write that a synchronous write starts is timed from Held (when
+// its vCPU was released), not from its trap: the time the engine held the
+// vCPU does not count towards its expiry (Write.Held).
+func TestPendingTimedFromHeld(t *testing.T) {
+	forModes(t, func(t *testing.T, mode vasmon.Mode) {
+		if mode.EntryBytes() != 8 {
+			t.Skip("4-byte entries have no partial writes")
+		}
+		h := newHarness(t, mode)
+		h.mon.Store().PendingTimeout = 1000
+		cr3 := h.table()
+		t1 := h.path(cr3, vaX, 1, false)
+		i, j := h.idx(vaX, 1), (h.idx(vaX, 1)+1)%mode.Entries(1)
+		r := h.start(cr3, monAll, vasmon.Options{})
+		e, other := h.leaf(0x2222000, 1)|nxBit, h.leaf(0x3333000, 1)
+		w := h.g.Store(t1+uint64(8*i)+4, 4, e>>32, 1)
+		w.Trap, w.Held = 100, 5000
+		wantKind(t, h.write(w), vasmon.WritePartial)
+		// An event trapped 1.9 us after the half, 3.1 us before the vCPU
+		// was released: the partial write goes on.
+		w = h.g.SetEntry(t1, j, other)
+		w.Trap = 2000
+		h.write(w)
+		r.take(true, ev{VA: vaX + kb4, Old: 0, New: other, Size: kb4})
+		if n := h.mon.Store().Pending(); n != 1 {
+			t.Fatalf("the partial write expired %d ns of trap time after its vCPU was released, before the timeout (1000)", 2000-5000)
+		}
+		// One trapped more than the timeout after the release ends it.
+		w = h.g.SetEntry(t1, j, 0)
+		w.Trap = 6100
+		h.write(w)
+		if n := h.mon.Store().Pending(); n != 0 {
+			t.Fatal("the partial write did not expire 1.1 us after its vCPU was released")
+		}
+		// (Completed with its high half only: NX over a non-present
+		// entry, nothing to report.)
+		r.expect(ev{VA: vaX + kb4, Old: other, New: 0, Size: kb4})
+		if st := h.mon.Store().Stats(); st.ExpiredPartial != 1 {
+			t.Fatalf("%d partial writes expired, want 1", st.ExpiredPartial)
+		}
+	})
+}

@@ -110,7 +110,7 @@ func (c *vcpu) link(a uint64, level, stop int, va uint64) uint64 {
 		if t == 0 {
 			return 0
 		}
-		c.set(a, c.vm.tableEntry(level, t))
+		c.setLink(a, c.vm.tableEntry(level, t))
 		a = c.vm.entryAddr(t, level-1, va)
 	}
 	return a
@@ -369,7 +369,7 @@ func (c *vcpu) newRoot() uint64 {
 				c.freeRoot(root)
 				return 0
 			}
-			c.set(root+uint64(i*8), v.tableEntry(3, t))
+			c.setLink(root+uint64(i*8), v.tableEntry(3, t))
 		}
 	}
 	return root
@@ -430,7 +430,7 @@ func (c *vcpu) copyTree(src, dst uint64, level int, top bool) bool {
 					ok = false
 					return false
 				}
-				c.set(b, v.tableEntry(level, t))
+				c.setLink(b, v.tableEntry(level, t))
 			}
 			ok = c.copyTree(v.mode.TableAddr(e), t, level-1, false)
 		case vasmon.KindLeaf:

@@ -32,9 +32,10 @@
 // it maps, so that every store is one a kernel would make: demand faults,
 // copy-on-write forks and breaks, exec, process creation, exit, mmap/munmap
 // (emptied tables unlinked and freed), mprotect, THP collapse and split,
-// swap-out, Accessed-bit aging. PAE kernels set an entry with two 4-byte
-// stores, high half first, and clear it low half first (Linux's set_pte and
-// pte_clear); they update a present entry in one 8-byte atomic store
+// swap-out, Accessed-bit aging. PAE kernels set a leaf with two 4-byte
+// stores, high half first, and clear an entry low half first (Linux's
+// set_pte and pte_clear); they link a table (set_pmd, set_pud: set_64bit)
+// and update a present entry in one 8-byte atomic store
 // (cmpxchg8b; Linux's 4-byte clear_bit on the low half is not simulated: it
 // would leave the entry half-written under SEMANTICS.md section 3). 32-bit
 // kernels write 4-byte entries, 4- and 5-level kernels 8-byte entries, in

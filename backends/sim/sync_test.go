@@ -113,10 +113,8 @@ func syncRun(t *testing.T, prof string, events uint64, deny bool, cfgFn func(*si
 // TestSync: with every store synchronous, no store of a guest lands in a
 // table of a monitored root before the engine has hooked it (no window: the
 // ground truth follows every store), and the oracle and the no-phantom
-// checks hold. Asserted for the 32-bit, 4- and 5-level guests; the PAE
-// guest's windows are logged: its 4-byte set_pte halves sometimes leave a
-// table link unhooked after the synchronous Submit of the completing half
-// returned (an open issue: see the branch's report).
+// checks hold, in every paging mode. (PAE guests write leaves in 4-byte
+// halves and links in one 8-byte store, as Linux does.)
 func TestSync(t *testing.T) {
 	events := uint64(20000)
 	if testing.Short() {
@@ -127,10 +125,9 @@ func TestSync(t *testing.T) {
 			s, _, st := syncRun(t, prof, events, false, func(c *sim.Config) { c.Sync = true },
 				func(*backends.RootInfo) bool { return true })
 			w, first := s.Windows()
-			if w[0]+w[2]+w[3] != 0 {
-				t.Errorf("%v stores into tables of monitored roots not trapped (per VM), such as: %s", w, first)
+			if w[0]+w[1]+w[2]+w[3] != 0 {
+				t.Errorf("%v stores into tables of monitored roots not trapped (per VM: 32-bit, PAE, 4-level, 5-level), such as: %s", w, first)
 			}
-			t.Logf("windows per VM (32-bit, PAE, 4-level, 5-level): %v; first: %s", w, first)
 			if st.SyncStores != st.Submitted || st.SyncStores == 0 {
 				t.Errorf("%d synchronous stores of %d submitted: every store must be", st.SyncStores, st.Submitted)
 			}
@@ -141,11 +138,17 @@ func TestSync(t *testing.T) {
 // TestSyncDeny: every store synchronous and every leaf mapping a guarded
 // frame denied: the oracle and no-phantom checks hold with the denied
 // stores reverted, no denied store stays in guest memory, and the guests
-// have no window. The VMs run in 4- and 5-level mode only: with denies,
-// PAE guests keep some denied leaves and 32-bit guests showed phantom
-// callbacks (in about one run of three: open issues, see the report of
-// branch sync-backends; -run TestSyncDeny with Mode32 or ModePAE here
-// reproduces them).
+// have no window, with all four VMs in 4-level, 5-level and 32-bit mode.
+// (Before Stop ended only its own root's partial writes, a Stop ended
+// every VM's: a vCPU between the halves of a PAE entry then had its second
+// half pending alone, a window and a kept denied leaf.) PAE is left out:
+// in about one run of four a denied leaf stays. Its halves are split by
+// the partial write's expiry when the vCPU does not get a CPU for
+// PendingTimeout (1 ms of trap time) between them; the completing half
+// then starts a pending write of its own, which cannot be refused
+// (SEMANTICS.md section 3 reports nothing until the entry is complete),
+// and the leaf is reported later, asynchronously. Open: see the README's
+// Synchronous delivery section.
 func TestSyncDeny(t *testing.T) {
 	events := uint64(20000)
 	if testing.Short() {
@@ -154,7 +157,7 @@ func TestSyncDeny(t *testing.T) {
 	for _, c := range []struct {
 		prof string
 		mode vasmon.Mode
-	}{{"web", vasmon.Mode4}, {"build", vasmon.Mode5}} {
+	}{{"web", vasmon.Mode4}, {"build", vasmon.Mode5}, {"web", vasmon.Mode32}} {
 		t.Run(c.prof+"/"+c.mode.String(), func(t *testing.T) {
 			s, es, st := syncRun(t, c.prof, events, true, func(cfg *sim.Config) { cfg.Sync, cfg.Mode = true, c.mode },
 				func(*backends.RootInfo) bool { return true })

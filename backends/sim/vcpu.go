@@ -211,6 +211,11 @@ func (c *vcpu) set(a, e uint64) {
 	c.store(a, c.vm.esz, e, siteSet)
 }
 
+// setLink writes the table entry e over a non-present entry at a. Linux
+// links a table in one 8-byte store on PAE too (set_pmd and set_pud are
+// set_64bit: cmpxchg8b); only leaves are written in halves (set_pte).
+func (c *vcpu) setLink(a, e uint64) { c.store(a, c.vm.esz, e, siteSet) }
+
 // clear zeroes the entry at a. A PAE kernel clears the low half (P) first.
 func (c *vcpu) clear(a uint64) {
 	if c.vm.mode == vasmon.ModePAE {
