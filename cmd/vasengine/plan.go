@@ -35,7 +35,10 @@ type planFlags struct {
 	mem, plotPath                             string
 	step                                      time.Duration
 	quick                                     bool
-	seed                                      uint64
+	// sync: every store of the simulated guests synchronous; the curve's
+	// latencies are then stalls (see latencyOf).
+	sync bool
+	seed uint64
 	vf                                        verifyFlags
 }
 
@@ -64,6 +67,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 	fs.Float64Var(&f.vmBurst, "vm-burst", 0, "most events one VM submits within 1 ms (default: measured; for -prom, assumed)")
 	fs.StringVar(&f.plotPath, "plot", "", "write an SVG plot of the curve, the budget and the plan to this file (a folder: plan.svg in it); none unless given")
 	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
+	fs.BoolVar(&f.sync, "sync", false, "plan for synchronous roots (SEMANTICS.md section 7): every store of the simulated guests synchronous, and the curve's latencies, -budget included, are the stall the engine adds to the writing vCPU (trap to its release) instead of trap-to-callback; -profile workloads only")
 	fs.BoolVar(&f.quick, "quick", false, "a short measurement (4 runs of 150 ms; overrides -step): a smoke test, not a plan")
 	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
 	f.vf.register(fs)
@@ -106,6 +110,8 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return usagef("plan: -vm-rate is for -profile; the rates come from the -trace or -prom file")
 	case set["prom-time"] && f.promPath == "":
 		return usagef("plan: -prom-time needs -prom")
+	case f.sync && (f.tracePath != "" || f.promPath != "" || f.fromReport != ""):
+		return usagef("plan: -sync measures synchronous stalls with the simulator's -profile: not with -trace, -prom or -from-report")
 	}
 	if err := f.vf.check(set); err != nil {
 		return err
@@ -185,7 +191,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	var drv driver
 	var p *plan.Plan
 	if in.Curve.Points != nil {
-		m := &measurer{cfg: cfg, sim: sim.Config{VMs: f.vms, VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed},
+		m := &measurer{cfg: cfg, sim: sim.Config{VMs: f.vms, VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed, Sync: f.sync},
 			step: f.step, warm: 100 * time.Millisecond, stderr: stderr}
 		if f.quick {
 			m.step, m.warm = 150*time.Millisecond, 20*time.Millisecond
@@ -247,6 +253,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		if _, ok := sc.results[p.VMs]; !ok && p.VMs > 0 && p.VMs < plan.Unbounded {
 			in.Curve.Notes = append(in.Curve.Notes, fmt.Sprintf("the planned %d VMs were not measured (-scale-runs %d spent): the prediction is interpolated", p.VMs, f.vf.runs))
 		}
+	}
+	if f.sync {
+		in.Curve.Notes = append(in.Curve.Notes, "-sync: every store of the simulated guests synchronous; the latencies (p50, p99, p99.9) and the budget are the stall the engine adds to the writing vCPU, from its trap to its release (SEMANTICS.md section 7), not trap-to-callback")
 	}
 	if snap != nil {
 		addSnapshotPoint(&in.Curve, snap, cfg.Budget, sc == nil)
@@ -532,8 +541,7 @@ func (m *measurer) phase(label string, rate float64, bursts bool) (phaseResult, 
 	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 		return res, fmt.Errorf("plan: %s: %w", label, err)
 	}
-	h := b.Latency
-	h.Sub(&a.Latency)
+	h := latencyOf(&a, &b, m.sim.Sync)
 	processed := b.Processed - a.Processed
 	if processed == 0 {
 		return res, fmt.Errorf("plan: %s: no event processed in %v (raise -step or -vm-rate)", label, m.step)
@@ -544,6 +552,20 @@ func (m *measurer) phase(label string, rate float64, bursts bool) (phaseResult, 
 	res.burst = bh.max()
 	fmt.Fprintf(m.stderr, "plan: %-9s %10s events/s  p99 %v\n", label, plan.SI(res.pt.Achieved), time.Duration(h.Quantile(0.99)))
 	return res, nil
+}
+
+// latencyOf is the latency a plan's curve is made of, from engine
+// statistics a to b: trap-to-callback, or with sync the stall that
+// synchronous writes add to their vCPU (trap to release, Stats.SyncStall).
+func latencyOf(a, b *engine.Stats, sync bool) shard.HistSnapshot {
+	if sync {
+		h := b.SyncStall
+		h.Sub(&a.SyncStall)
+		return h
+	}
+	h := b.Latency
+	h.Sub(&a.Latency)
+	return h
 }
 
 // burstHost passes everything to the engine and, while on, meters each
@@ -560,24 +582,51 @@ type vmBurst struct {
 }
 
 func (h *burstHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
-	if h.on.Load() {
-		v, ok := h.vms.Load(vm)
-		if !ok {
-			v, _ = h.vms.LoadOrStore(vm, new(vmBurst))
-		}
-		b := v.(*vmBurst)
-		now := shard.Now()
-		b.mu.Lock()
-		for i := range evs {
-			t := evs[i].Trap
-			if t == 0 {
-				t = now
-			}
-			b.m.Add(t)
-		}
-		b.mu.Unlock()
-	}
+	h.meter(vm, evs)
 	return h.Host.Submit(vm, evs)
+}
+
+// meter counts evs of vm in its burst meter, while on.
+func (h *burstHost) meter(vm vasmon.VMID, evs []shard.Event) {
+	if !h.on.Load() {
+		return
+	}
+	v, ok := h.vms.Load(vm)
+	if !ok {
+		v, _ = h.vms.LoadOrStore(vm, new(vmBurst))
+	}
+	b := v.(*vmBurst)
+	now := shard.Now()
+	b.mu.Lock()
+	for i := range evs {
+		t := evs[i].Trap
+		if t == 0 {
+			t = now
+		}
+		b.m.Add(t)
+	}
+	b.mu.Unlock()
+}
+
+// SyncSubmitter implements backends.SyncHost (plan -sync): the wrapped
+// host's Syncers, their writes metered too.
+func (h *burstHost) SyncSubmitter(vm vasmon.VMID) (backends.Syncer, error) {
+	s, err := backends.NewSyncer(h.Host, vm)
+	if err != nil {
+		return nil, err
+	}
+	return &meteredSyncer{Syncer: s, h: h, vm: vm}, nil
+}
+
+type meteredSyncer struct {
+	backends.Syncer
+	h  *burstHost
+	vm vasmon.VMID
+}
+
+func (s *meteredSyncer) Submit(evs []shard.Event) (shard.Verdict, error) {
+	s.h.meter(s.vm, evs)
+	return s.Syncer.Submit(evs)
 }
 
 func (h *burstHost) max() int {

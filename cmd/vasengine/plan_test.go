@@ -289,3 +289,46 @@ func (h *eventsHost) Submit(vm vasmon.VMID, evs []shard.Event) (int, error) {
 	}
 	return n, err
 }
+
+// TestPlanSync plans synchronous roots: the simulated guests' stores are
+// synchronous and the curve is made of stalls (latencyOf), said in the
+// report; the verify command keeps -sync.
+func TestPlanSync(t *testing.T) {
+	out := checkPlan(t, []string{"-sync", "-quick", "-vms", "2", "-budget", "1ms", "-mem", "1GiB"},
+		"-sync: every store of the simulated guests synchronous", "stall the engine adds to the writing vCPU")
+	if !strings.Contains(out, " -sync ") {
+		t.Fatalf("the verify command lacks -sync:\n%s", out)
+	}
+	for _, args := range [][]string{{"-sync", "-trace", "x.trace"}, {"-sync", "-prom", "x.prom"}, {"-sync", "-from-report", "x.txt"}} {
+		if code, _, stderr := runMain(append([]string{"plan"}, args...)...); code != 2 || !strings.Contains(stderr, "-sync") {
+			t.Errorf("plan %v: exit %d, %q: want a usage error about -sync", args, code, stderr)
+		}
+	}
+}
+
+// TestLatencyOf: a plan's latencies are trap-to-callback, or with -sync
+// the synchronous stalls, each as the difference of two snapshots.
+func TestLatencyOf(t *testing.T) {
+	var lat, stall shard.Histogram
+	var a, b engine.Stats
+	lat.Record(1_000)
+	stall.Record(1_000)
+	lat.Snapshot(&a.Latency)
+	stall.Snapshot(&a.SyncStall)
+	for range 10 {
+		lat.Record(2_000)
+		stall.Record(500_000)
+	}
+	lat.Snapshot(&b.Latency)
+	stall.Snapshot(&b.SyncStall)
+	l, s := latencyOf(&a, &b, false), latencyOf(&a, &b, true)
+	if l.Count() != 10 || s.Count() != 10 {
+		t.Fatalf("counts %d and %d, want the 10 values between the snapshots", l.Count(), s.Count())
+	}
+	if p := l.Quantile(0.99); p < 2_000 || p > 4_000 {
+		t.Errorf("trap-to-callback p99 %d ns, want about 2 us", p)
+	}
+	if p := s.Quantile(0.99); p < 500_000 || p > 1_000_000 {
+		t.Errorf("stall p99 %d ns, want about 500 us", p)
+	}
+}

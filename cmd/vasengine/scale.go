@@ -228,6 +228,7 @@ type scaler struct {
 	// memMeasured: the plan's tables per VM and bytes per table are
 	// measured (not given by a snapshot or report).
 	memMeasured bool
+	sync        bool // latencies are synchronous stalls (plan -sync)
 }
 
 // bootTimeout bounds how long a measurement waits for its VMs to start.
@@ -321,8 +322,7 @@ func (s *scaler) measure(n int, window time.Duration, bursts bool) (*scaleResult
 		res.tables, res.bytes = b.Tables, b.HostBytes
 	}
 	res.queuePeak = max(res.queuePeak, b.QueueLen)
-	h := b.Latency
-	h.Sub(&a.Latency)
+	h := latencyOf(&a, &b, s.sync)
 	processed := b.Processed - a.Processed
 	if processed == 0 {
 		return nil, fmt.Errorf("plan: %s: no event processed in %v", label, window)

@@ -54,7 +54,7 @@ func (f *planFlags) workloadDriver(rate float64, traceVMs int) driver {
 	if f.tracePath != "" {
 		return &traceDriver{path: f.tracePath, traceVMs: max(1, traceVMs)}
 	}
-	return &simDriver{cfg: sim.Config{VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed, Rate: rate}}
+	return &simDriver{cfg: sim.Config{VCPUs: f.vcpus, Processes: 4, Profile: f.profile, Seed: f.seed, Rate: rate, Sync: f.sync}}
 }
 
 // planAtScale measures the workload at scale, searching the VM count that
@@ -63,7 +63,7 @@ func (f *planFlags) workloadDriver(rate float64, traceVMs int) driver {
 // curve; wl is the workload (its tables and burst, when zero, are taken
 // from the first measurement).
 func (f *planFlags) planAtScale(in plan.Inputs, wl plan.Workload, drv driver, stderr io.Writer, measureBurst bool) (*plan.Plan, *scaler, error) {
-	sc := &scaler{cfg: engine.Config{}, drv: drv, rate: wl.RatePerVM, step: f.step, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{},
+	sc := &scaler{cfg: engine.Config{}, drv: drv, rate: wl.RatePerVM, step: f.step, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{}, sync: f.sync,
 		memMeasured: in.BytesPerTable == 0 && wl.TablesPerVM == 0}
 	runs := f.vf.runs
 	if f.quick {
@@ -208,6 +208,9 @@ func (f *planFlags) verifyCommand(pr plan.Promise) string {
 	}
 	args = append(args, "-shards", strconv.Itoa(f.shards), "-queue-depth", strconv.Itoa(f.queue), "-batch", strconv.Itoa(f.batch),
 		"-budget", f.budget.String())
+	if f.sync {
+		args = append(args, "-sync")
+	}
 	if f.cpus != "" {
 		args = append(args, "-cpus", f.cpus)
 	}
@@ -256,7 +259,7 @@ func (f *planFlags) writeVerifyCommand(w io.Writer, p *plan.Plan, pr plan.Promis
 // runVerify runs the promised configuration for -verify-duration and
 // compares; a broken promise is an error (exit status 1).
 func (f *planFlags) runVerify(cfg engine.Config, drv driver, pr plan.Promise, stdout, stderr io.Writer) error {
-	sc := &scaler{cfg: cfg, drv: drv, rate: pr.RatePerVM, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{},
+	sc := &scaler{cfg: cfg, drv: drv, rate: pr.RatePerVM, warm: 100 * time.Millisecond, stderr: stderr, results: map[int]*scaleResult{}, sync: f.sync,
 		limit: vmlimit.Config{Rate: f.limits.maxRate, Burst: f.limits.burst}}
 	if sc.limit.Rate > 0 {
 		sc.rate = min(sc.rate, sc.limit.Rate)
