@@ -39,7 +39,7 @@ type planFlags struct {
 	// latencies are then stalls (see latencyOf).
 	sync bool
 	seed uint64
-	vf                                        verifyFlags
+	vf   verifyFlags
 }
 
 // defaultVMRate is -vm-rate's default, the same as run's -rate.
