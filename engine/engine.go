@@ -144,6 +144,10 @@ type RootOptions struct {
 	// Verdict, if set, is called instead of the callback: its answer
 	// refuses a synchronous write (Syncer.Submit returns shard.Deny).
 	Verdict shard.VerdictCallback
+	// Traced, if set (and Verdict not), is called instead of the callback,
+	// with the trap time of the write that caused each change
+	// (shard.TracedCallback).
+	Traced shard.TracedCallback
 }
 
 type rootKey struct {
@@ -529,6 +533,19 @@ func (e *Engine) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vas
 			}
 		}
 		rs.Verdict = verdict
+		cb = func(any, uint64, uint64, uint64, uint64) {}
+	} else if opts.Traced != nil {
+		traced := opts.Traced
+		if opts.SerializeCallbacks {
+			var mu sync.Mutex
+			inner := traced
+			traced = func(c any, va, old, new, size uint64, trap int64) {
+				mu.Lock()
+				defer mu.Unlock()
+				inner(c, va, old, new, size, trap)
+			}
+		}
+		rs.Traced = traced
 		cb = func(any, uint64, uint64, uint64, uint64) {}
 	} else if opts.SerializeCallbacks && cb != nil {
 		var mu sync.Mutex

@@ -289,7 +289,12 @@ func (p *Pipeline) AddRoot(vm vasmon.VMID, cr3 uint64, mode vasmon.Mode, fullSpa
 }
 
 // callback is every root's callback: it runs on a shard worker.
-func (p *Pipeline) callback(ctx any, va, old, new, size uint64) {
+func (p *Pipeline) callback(ctx any, va, old, new, size uint64) { p.traced(ctx, va, old, new, size, 0) }
+
+// traced is callback with the trap time of the write that caused the
+// change (shard.Now nanoseconds; 0: unknown), the engine's
+// shard.TracedCallback (host.Start asks for it).
+func (p *Pipeline) traced(ctx any, va, old, new, size uint64, trap int64) {
 	rc := ctx.(*rootCtx)
 	if rc.cb != nil {
 		rc.cb(rc.ctx, va, old, new, size)
@@ -297,7 +302,11 @@ func (p *Pipeline) callback(ctx any, va, old, new, size uint64) {
 	if p.cfg.Callback != nil {
 		p.cfg.Callback(rc.ctx, va, old, new, size)
 	}
-	p.push(rc.lane, Record{VA: va, Old: old, New: new, Size: size, CR3: rc.cr3, Time: time.Now().UnixNano(),
+	var t int64
+	if trap != 0 {
+		t = shard.UnixNano(trap)
+	}
+	p.push(rc.lane, Record{VA: va, Old: old, New: new, Size: size, CR3: rc.cr3, Trap: t, Time: time.Now().UnixNano(),
 		VM: rc.vm, Root: rc.idx, Mode: rc.mode, Flags: rc.flags})
 }
 
@@ -600,6 +609,24 @@ type host struct {
 func (h *host) Start(ctx context.Context, vm vasmon.VMID, cr3 uint64, mode vasmon.Mode, monitored uint64,
 	cb vasmon.Callback, cbctx any, opts engine.RootOptions) (*vasmon.Root, error) {
 	pcb, pctx := h.p.AddRoot(vm, cr3, mode, opts.FullSpace, cb, cbctx)
+	switch {
+	case opts.Verdict != nil:
+	case opts.Traced == nil:
+		// The record carries the trap time (the engine passes it to a
+		// traced callback).
+		opts.Traced = h.p.traced
+	default:
+		// The engine calls the caller's traced callback instead of the
+		// callback: call it with the caller's context, and make the
+		// record.
+		inner := opts.Traced
+		rc := *pctx.(*rootCtx)
+		rc.cb = nil
+		opts.Traced = func(_ any, va, old, new, size uint64, trap int64) {
+			inner(rc.ctx, va, old, new, size, trap)
+			h.p.traced(&rc, va, old, new, size, trap)
+		}
+	}
 	if opts.Verdict != nil {
 		// The engine calls the verdict instead of the callback, with the
 		// pipeline's context: unwrap it, and make the record.

@@ -309,7 +309,10 @@ func TestWrap(t *testing.T) {
 	var gotCtx []any
 	cb := func(c any, va, old, new, size uint64) { gotCtx = append(gotCtx, c) }
 	h.Start(context.Background(), 1, 0x1000, vasmon.Mode4, 0, cb, info, engine.RootOptions{})
-	f.cb(f.ctx, 0x1000, 0, 0x1000|p, 4096)
+	if f.opts.Traced == nil {
+		t.Fatal("Wrap's host did not ask the engine for a traced callback")
+	}
+	f.opts.Traced(f.ctx, 0x1000, 0, 0x1000|p, 4096, 12345) // as the engine calls it
 	verdict := func(c any, va, old, new, size uint64) shard.Verdict {
 		gotCtx = append(gotCtx, c)
 		return shard.Deny
@@ -328,5 +331,9 @@ func TestWrap(t *testing.T) {
 	if len(sink.got) != 2 || sink.got[0].VM != 1 || sink.got[1].VM != 2 || sink.got[1].Flags&FlagFullSpace == 0 ||
 		pl.Root(sink.got[1].Root).Name != "vm1/pid 7" {
 		t.Errorf("records %+v", sink.got)
+	}
+	if len(sink.got) == 2 && (sink.got[0].Trap != shard.UnixNano(12345) || sink.got[1].Trap != 0) {
+		t.Errorf("trap times %d and %d, want %d (the traced callback's) and 0 (a verdict has none)",
+			sink.got[0].Trap, sink.got[1].Trap, shard.UnixNano(12345))
 	}
 }

@@ -20,9 +20,10 @@ type Record struct {
 	// them, from 1 (set by the pipeline's lane, not by the callback).
 	Seq uint64
 	// Trap is when the write that caused the change was trapped, Unix
-	// nanoseconds; 0: unknown. The engine does not pass the trap time to
-	// callbacks (vasmon.Callback has no such argument), so records built
-	// from engine callbacks carry 0 here.
+	// nanoseconds; 0: unknown. Records of roots started through Wrap's
+	// host carry it (the engine's traced callback, RootOptions.Traced),
+	// except roots with a verdict callback (its signature has no trap
+	// time) and records made by Pipeline.AddRoot's plain callback.
 	Trap int64
 	Time int64 // when the callback ran, Unix nanoseconds (wall clock)
 	VM   vasmon.VMID

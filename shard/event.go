@@ -45,6 +45,10 @@ var epoch = time.Now()
 // It does not allocate.
 func Now() int64 { return int64(time.Since(epoch)) }
 
+// UnixNano converts a time t of Now's clock to Unix nanoseconds (the wall
+// clock at the process's start plus t).
+func UnixNano(t int64) int64 { return epoch.UnixNano() + t }
+
 // MsgOp is the kind of a control message.
 type MsgOp uint8
 
@@ -79,6 +83,11 @@ const (
 // for asynchronous writes.
 type VerdictCallback func(ctx any, va, old, new, size uint64) Verdict
 
+// TracedCallback is a callback that is also given the trap time of the
+// write that caused the change (Event.Trap, Now nanoseconds; for a change
+// that a Start, a Stop or a flush caused, when the engine was asked).
+type TracedCallback func(ctx any, va, old, new, size uint64, trap int64)
+
 // RootState is the executor's per-root state (vasmon.Root.Exec): what the
 // shards have in flight for the root.
 type RootState struct {
@@ -92,6 +101,9 @@ type RootState struct {
 	Unhooks atomic.Int64
 	// Verdict, if set, is called instead of the root's Callback.
 	Verdict VerdictCallback
+	// Traced, if set (and Verdict not), is called instead of the root's
+	// Callback.
+	Traced TracedCallback
 }
 
 // StateOf returns the executor state of r (allocated by the engine).

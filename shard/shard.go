@@ -656,10 +656,10 @@ func (s *Shard) invoke(trap int64) {
 		l.nuntimed++
 		if l.group == 1 {
 			s.timeCallbacks() // slow callbacks: timed exactly, as they start
-			s.call(c)
+			s.call(c, trap)
 			continue
 		}
-		s.call(c)
+		s.call(c, trap)
 		if l.nuntimed >= l.group {
 			s.timeCallbacks()
 		}
@@ -810,7 +810,7 @@ func (s *Shard) retryWork() bool {
 
 // call invokes one callback, recovering a panic, and records a Deny verdict
 // of a synchronous write's callback in its ticket.
-func (s *Shard) call(c *vasmon.Call) {
+func (s *Shard) call(c *vasmon.Call, trap int64) {
 	defer func() {
 		if v := recover(); v != nil {
 			s.C.Panics.Add(1)
@@ -821,6 +821,10 @@ func (s *Shard) call(c *vasmon.Call) {
 		if f(c.Root.Ctx, c.VA, c.Old, c.New, c.Size) == Deny && s.cur != 0 {
 			s.sink.Ticket(s.cur).Deny()
 		}
+		return
+	}
+	if f := StateOf(c.Root).Traced; f != nil {
+		f(c.Root.Ctx, c.VA, c.Old, c.New, c.Size, trap)
 		return
 	}
 	c.Root.Callback(c.Root.Ctx, c.VA, c.Old, c.New, c.Size)
