@@ -38,8 +38,10 @@ type planFlags struct {
 	// sync: every store of the simulated guests synchronous; the curve's
 	// latencies are then stalls (see latencyOf).
 	sync bool
-	seed uint64
-	vf   verifyFlags
+	// sweep: plan with every shard count, keep the best (-shards-sweep).
+	sweep bool
+	seed  uint64
+	vf    verifyFlags
 }
 
 // defaultVMRate is -vm-rate's default, the same as run's -rate.
@@ -68,6 +70,7 @@ func (f *planFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.plotPath, "plot", "", "write an SVG plot of the curve, the budget and the plan to this file (a folder: plan.svg in it); none unless given")
 	fs.DurationVar(&f.step, "step", time.Second, "measurement time per point of the curve")
 	fs.BoolVar(&f.sync, "sync", false, "plan for synchronous roots (SEMANTICS.md section 7): every store of the simulated guests synchronous, and the curve's latencies, -budget included, are the stall the engine adds to the writing vCPU (trap to its release) instead of trap-to-callback; -profile workloads only")
+	fs.BoolVar(&f.sweep, "shards-sweep", false, "plan with every shard count from 1 to the CPUs this process may use, and answer with the fewest shards that fit the most VMs (and the cores to reserve for them when pinned with -cpus); -profile, -trace or -prom workloads measured at scale")
 	fs.BoolVar(&f.quick, "quick", false, "a short measurement (4 runs of 150 ms; overrides -step): a smoke test, not a plan")
 	fs.Uint64Var(&f.seed, "seed", 1, "simulator seed")
 	f.vf.register(fs)
@@ -110,6 +113,10 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return usagef("plan: -vm-rate is for -profile; the rates come from the -trace or -prom file")
 	case set["prom-time"] && f.promPath == "":
 		return usagef("plan: -prom-time needs -prom")
+	case f.sweep && set["shards"]:
+		return usagef("plan: -shards-sweep tries every shard count: not with -shards")
+	case f.sweep && f.fromReport != "":
+		return usagef("plan: -shards-sweep measures each shard count at scale: not with -from-report")
 	case f.sync && (f.tracePath != "" || f.promPath != "" || f.fromReport != ""):
 		return usagef("plan: -sync measures synchronous stalls with the simulator's -profile: not with -trace, -prom or -from-report")
 	}
@@ -227,9 +234,20 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		drv = f.workloadDriver(wl.RatePerVM, wl.VMs)
 		measured := in.BytesPerTable == 0
 		in.Notes = []string{memNote, bptNote}
+		var sweepNote string
+		if f.sweep {
+			best, note, err := f.sweepShards(in, *wl, drv, stderr)
+			if err != nil {
+				return err
+			}
+			f.shards, in.Shards, cfg.Shards, sweepNote = best, best, best, note
+		}
 		var err error
 		if p, sc, err = f.planAtScale(in, *wl, drv, stderr, wl.BurstPerVM == 0); err != nil {
 			return err
+		}
+		if sweepNote != "" {
+			p.Inputs.Notes = append(p.Inputs.Notes, sweepNote)
 		}
 		in = p.Inputs
 		wl = &in.Workload
@@ -552,6 +570,48 @@ func (m *measurer) phase(label string, rate float64, bursts bool) (phaseResult, 
 	res.burst = bh.max()
 	fmt.Fprintf(m.stderr, "plan: %-9s %10s events/s  p99 %v\n", label, plan.SI(res.pt.Achieved), time.Duration(h.Quantile(0.99)))
 	return res, nil
+}
+
+// sweepShards plans with every shard count from 1 to the CPUs this
+// process may use and returns the fewest shards that fit the most VMs,
+// with a note for the report that says what each count fitted.
+func (f *planFlags) sweepShards(in plan.Inputs, wl plan.Workload, drv driver, stderr io.Writer) (int, string, error) {
+	allowed, err := shard.AllowedCPUs()
+	if err != nil || len(allowed) == 0 {
+		allowed = make([]int, runtime.NumCPU())
+	}
+	best, bestVMs := 0, -1
+	var fits []string
+	for n := 1; n <= len(allowed); n++ {
+		g := *f
+		g.shards, g.sweep = n, false
+		q := in
+		q.Shards = n
+		fmt.Fprintf(stderr, "plan: -shards-sweep: %d shards\n", n)
+		p, _, err := g.planAtScale(q, wl, drv, stderr, wl.BurstPerVM == 0)
+		if err != nil {
+			return 0, "", err
+		}
+		vms := p.VMs
+		fits = append(fits, fmt.Sprintf("%d shards: %s VMs", n, vmCount(vms)))
+		if vms > bestVMs {
+			best, bestVMs = n, vms
+		}
+	}
+	cores := "unpinned (the default), they share the host's cores"
+	if f.cpus != "" {
+		cores = fmt.Sprintf("pinned with -cpus, reserve %d cores for them", best)
+	}
+	return best, fmt.Sprintf("-shards-sweep: %s; planned with %d shards, the fewest that fit the most VMs; %s",
+		strings.Join(fits, ", "), best, cores), nil
+}
+
+// vmCount prints a plan's VM count.
+func vmCount(n int) string {
+	if n == plan.Unbounded {
+		return "unbounded"
+	}
+	return strconv.Itoa(n)
 }
 
 // latencyOf is the latency a plan's curve is made of, from engine

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -330,5 +331,30 @@ func TestLatencyOf(t *testing.T) {
 	}
 	if p := s.Quantile(0.99); p < 500_000 || p > 1_000_000 {
 		t.Errorf("stall p99 %d ns, want about 500 us", p)
+	}
+}
+
+// TestPlanShardsSweep plans with every shard count this process may use
+// and keeps the fewest shards that fit the most VMs, said in the report;
+// the verify command uses that count.
+func TestPlanShardsSweep(t *testing.T) {
+	out := checkPlan(t, []string{"-shards-sweep", "-quick", "-vms", "2", "-budget", "1ms", "-mem", "1GiB"},
+		"-shards-sweep: 1 shards: ", "the fewest that fit the most VMs")
+	i := strings.Index(out, "planned with ")
+	j := strings.Index(out, "\nhost: ")
+	if i < 0 || j < 0 {
+		t.Fatalf("no sweep answer or host line:\n%s", out)
+	}
+	var n int
+	if _, err := fmt.Sscanf(out[i:], "planned with %d shards", &n); err != nil || n < 1 {
+		t.Fatalf("sweep answer %q: %v", out[i:min(len(out), i+40)], err)
+	}
+	if !strings.HasPrefix(out[j:], fmt.Sprintf("\nhost: %d shards", n)) || !strings.Contains(out, fmt.Sprintf(" -shards %d ", n)) {
+		t.Fatalf("the plan does not use the %d shards the sweep chose:\n%s", n, out)
+	}
+	for _, args := range [][]string{{"-shards-sweep", "-shards", "2"}, {"-shards-sweep", "-from-report", "x.txt"}} {
+		if code, _, stderr := runMain(append([]string{"plan"}, args...)...); code != 2 || !strings.Contains(stderr, "-shards-sweep") {
+			t.Errorf("plan %v: exit %d, %q: want a usage error about -shards-sweep", args, code, stderr)
+		}
 	}
 }
