@@ -680,8 +680,9 @@ func (e *Engine) poll(ctx context.Context, done func() bool) error {
 }
 
 // Stop stops monitoring r: the partial writes of r's tables end first
-// (vasmon.Store.FlushRoot; other roots' go on), then every table is unhooked and every present leaf is reported
-// removed. It returns once that is done. If ctx ends first, Stop returns
+// (vasmon.Store.FlushRoot; other roots' go on), then every table is
+// unhooked and every present leaf is reported removed. It returns once
+// that is done. If ctx ends first, Stop returns
 // ctx's error and the unhooking completes in the background: the root is
 // already gone from the engine (a second Stop returns ErrUnknownRoot) and
 // Sync and Close wait for it. If the engine closes first, Stop returns
