@@ -7,7 +7,8 @@
 # date. Runs from any folder; several at once wait for each other (flock).
 #
 #   DIR/vmlinuz       Debian's 6.1 cloud kernel (linux-image-6.1.0-*-cloud-amd64-unsigned)
-#   DIR/initrd.gz     busybox-static + backends/qemu/guest/init (cpio newc, gzip)
+#   DIR/initrd.gz     busybox-static + backends/qemu/guest/init + /bin/rwx
+#                     (backends/qemu/guest/rwx, built with go) (cpio newc, gzip)
 #   DIR/ptstore.so    the page-table store plugin (make -C backends/qemu/plugin)
 #
 # Installs qemu-system-x86, cpio and gcc/make with apt-get when they are
@@ -98,12 +99,14 @@ if [ ! -x "$out/busybox" ]; then
 fi
 
 init="$root/backends/qemu/guest/init"
-if [ ! -s "$out/initrd.gz" ] || [ "$init" -nt "$out/initrd.gz" ] || [ "$out/busybox" -nt "$out/initrd.gz" ]; then
+rwx="$root/backends/qemu/guest/rwx/main.go"
+if [ ! -s "$out/initrd.gz" ] || [ "$init" -nt "$out/initrd.gz" ] || [ "$rwx" -nt "$out/initrd.gz" ] || [ "$out/busybox" -nt "$out/initrd.gz" ]; then
 	log "building initrd.gz"
 	st=$(mktemp -d "$out/initramfs.XXXXXX")
 	mkdir -p "$st/bin" "$st/dev" "$st/proc" "$st/sys" "$st/tmp"
 	cp "$out/busybox" "$st/bin/busybox"
 	cp "$init" "$st/init"
+	(cd "$root" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "${GO:-go}" build -trimpath -ldflags=-s -o "$st/bin/rwx" ./backends/qemu/guest/rwx)
 	chmod 755 "$st/init" "$st/bin/busybox"
 	# /dev/console lets the kernel give /init a console before devtmpfs is
 	# mounted; /init redirects to it again after mounting, so the node is

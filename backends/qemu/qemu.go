@@ -156,7 +156,7 @@ import (
 )
 
 // Workloads the guest's /init knows.
-var Workloads = []string{"fork", "mmap", "grow", "idle", "mixed"}
+var Workloads = []string{"fork", "mmap", "grow", "idle", "mixed", "rwx"}
 
 // Config configures a run. The zero value is valid: one guest running the
 // fork workload until Duration (0: until every guest powers off).
