@@ -106,6 +106,9 @@ type GuestStats struct {
 	// phantoms"). It must stay 0.
 	// Present counts the callbacks with a present new entry: those checked.
 	Phantoms, Present uint64
+	// FirstPhantoms are the first phantom callbacks (at most 8), for the
+	// report of a run that had any.
+	FirstPhantoms []PhantomCall `json:",omitempty"`
 	// With Config.Sync: Synced are the records submitted synchronously
 	// (their vCPU held until the engine was done), Denied those a callback
 	// denied, Reverted the denied stores whose entry the backend put back
@@ -653,7 +656,7 @@ func (g *Guest) Stats() GuestStats {
 	s := GuestStats{VM: g.ID, Plugin: g.Counters(), Submitted: g.submitted.Load(), Rejected: g.rejected.Load(),
 		TableStores: g.tableStores.Load(), NarrowStores: g.narrow.Load(), Phantoms: g.phantoms.n.Load(), Present: g.phantoms.present.Load(),
 		Synced: g.synced.Load(), Denied: g.denied.Load(), Reverted: g.reverted.Load(), Unreverted: g.lost.Load(),
-		Roots: g.ls.snapshot(), Wall: time.Since(g.started)}
+		Roots: g.ls.snapshot(), Wall: time.Since(g.started), FirstPhantoms: g.Phantoms()}
 	if g.closedAt != 0 {
 		s.Wall = g.closedAt
 	}

@@ -413,7 +413,7 @@ func TestRunTwoGuests(t *testing.T) {
 		}
 		t.Logf("VM %d: %d phantom callbacks (present entries Linux cannot have written) of %d callbacks with a present entry", g.VM, g.Phantoms, g.Present)
 		if g.Phantoms != 0 {
-			t.Errorf("VM %d: %d phantom callbacks", g.VM, g.Phantoms)
+			t.Errorf("VM %d: %d phantom callbacks, the first: %v", g.VM, g.Phantoms, g.FirstPhantoms)
 		}
 	}
 	if err := e.Sync(ctx); err != nil {
