@@ -55,7 +55,7 @@ func toEvents(ws []vasmon.Write) []shard.Event {
 	evs := make([]shard.Event, len(ws))
 	for i, w := range ws {
 		evs[i] = shard.Event{GPA: w.GPA, Data: w.Data, Old: w.Old, RIP: w.RIP, Size: w.Size, HasOld: w.HasOld,
-			Ver: w.Ver, Ver2: w.Ver2, Trap: w.Trap}
+			Ver: w.Ver, Ver2: w.Ver2, Trap: w.Trap, Stamped: w.Stamped}
 	}
 	return evs
 }

@@ -58,6 +58,7 @@ var (
 	dStale      = desc("stale_writes_total", "Page-table writes dropped because a later read of their page already held them (version stamps).")
 	dStaleReads = desc("stale_reads_total", "Tables guest memory no longer linked at their place when read: hooks dropped and tables unhooked early, nothing reported from them (no phantoms).")
 	dResyncs    = desc("page_resyncs_total", "Pages read again because a written value could no longer be proven in guest memory.")
+	dProofs     = desc("value_proofs_total", "Written values proven true before they were reported, by how: the store's stamp (stamp) or a read of guest memory (memory).", "how")
 	dStall      = desc("sync_stall_seconds", "Stall of synchronous writes (Syncer.Submit): from the trap to the release of the writer.")
 	dVerdicts   = desc("sync_verdicts_total", "Synchronous writes by the verdict of their callbacks (allow, deny).", "verdict")
 	dSpin       = desc("worker_spin_seconds_total", "Time shard workers spent polling their idle queues.")
@@ -70,7 +71,7 @@ var (
 	dRoots      = desc("roots", "Address spaces monitored.")
 	dVMs        = desc("vms", "VMs registered.")
 	dShards     = desc("shards", "Shards (worker goroutines).")
-	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dSteals, dStall, dVerdicts, dSpin, dShardCPU, dFlooded, dFloods}
+	dAllDescs   = []*prometheus.Desc{dSubmitted, dRejected, dEvents, dVMEvents, dVMSubmit, dCallbacks, dLatency, dBudget, dOver, dPanics, dQueue, dQueueCap, dBatches, dBatchEv, dTables, dBytes, dRefused, dMessages, dHeld, dPartial, dExpired, dStale, dHooks, dUnhooks, dRoots, dVMs, dShards, dStaleReads, dResyncs, dProofs, dSteals, dStall, dVerdicts, dSpin, dShardCPU, dFlooded, dFloods}
 	counterType = prometheus.CounterValue
 	gaugeType   = prometheus.GaugeValue
 )
@@ -164,6 +165,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		stall[b] = cum[i]
 	}
 	ch <- prometheus.MustNewConstHistogram(dStall, st.SyncStall.Count(), float64(st.SyncStall.Sum())/1e9, stall)
+	m(dProofs, counterType, float64(st.StampProofs), "stamp")
+	m(dProofs, counterType, float64(st.Proofs), "memory")
 	m(dVerdicts, counterType, float64(st.Allowed), "allow")
 	m(dVerdicts, counterType, float64(st.Denied), "deny")
 	m(dSpin, counterType, st.Spin.Seconds())

@@ -73,6 +73,13 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 	for _, mf := range mfs {
+		if mf.GetName() == "vasengine_value_proofs_total" {
+			for _, m := range mf.GetMetric() {
+				if l := m.GetLabel(); len(l) == 1 && l[0].GetValue() == "stamp" && m.GetCounter().GetValue() == 0 {
+					t.Error("value_proofs_total{how=\"stamp\"} is 0 after stamped writes")
+				}
+			}
+		}
 		if mf.GetName() == "vasengine_hooked_tables" {
 			if v := mf.GetMetric()[0].GetGauge().GetValue(); v <= 0 {
 				t.Errorf("hooked_tables = %v", v)
@@ -100,7 +107,7 @@ var MetricNames = []string{
 	"vasengine_callback_panics_total", "vasengine_queue_depth", "vasengine_queue_capacity", "vasengine_batches_total",
 	"vasengine_batch_events_total", "vasengine_hooked_tables", "vasengine_table_host_bytes", "vasengine_hook_refusals_total",
 	"vasengine_structural_messages_total", "vasengine_held_requests", "vasengine_partial_writes",
-	"vasengine_partial_writes_expired_total", "vasengine_stale_writes_total", "vasengine_table_hooks_total", "vasengine_table_unhooks_total", "vasengine_roots", "vasengine_vms", "vasengine_shards",
+	"vasengine_partial_writes_expired_total", "vasengine_stale_writes_total", "vasengine_value_proofs_total", "vasengine_table_hooks_total", "vasengine_table_unhooks_total", "vasengine_roots", "vasengine_vms", "vasengine_shards",
 }
 
 func itoa(v uint64) string {
